@@ -1,0 +1,31 @@
+"""fastmlp: fused Triton Linear(+bias)+ReLU layers, forward and backward, for PyTorch MLPs.
+
+Public API:
+    fastmlp.functional.linear_relu / linear    fused ops with torch.nn.functional.linear's signature
+    fastmlp.FusedLinearReLU / FusedLinear      drop-in modules (state_dicts interchange with nn.Linear)
+    fastmlp.fuse(module)                       replace every nn.Linear -> nn.ReLU pair in nn.Sequentials
+    fastmlp.FusedLinearFunction                the autograd.Function behind them
+    fastmlp.use_backend / get_backend          choose "auto", "triton" or "torch" (also FASTMLP_BACKEND)
+"""
+
+from fastmlp._kernels_path import ensure_kernels_importable as _ensure_kernels_importable
+
+_ensure_kernels_importable(__path__)
+
+from fastmlp import functional  # noqa: E402
+from fastmlp.backend import get_backend, set_backend, use_backend  # noqa: E402
+from fastmlp.nn import FusedLinear, FusedLinearReLU, fuse  # noqa: E402
+from fastmlp.ops import FusedLinearFunction  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "functional",
+    "FusedLinear",
+    "FusedLinearReLU",
+    "FusedLinearFunction",
+    "fuse",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+]

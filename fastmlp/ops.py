@@ -1,0 +1,237 @@
+"""The fused Linear(+bias)(+ReLU) operator: checks, torch.library registration, autograd.
+
+Layers of this file, bottom up:
+
+1. ``check_linear_inputs``: every bad input becomes a ValueError/TypeError that names shapes,
+   dtypes and devices, before any kernel sees it.
+2. Three ``torch.library`` custom ops (``fastmlp::linear_act``, ``fastmlp::linear_act_grad_input``,
+   ``fastmlp::linear_act_grad_weight``) with fake kernels, so ``torch.compile(fullgraph=True)``
+   treats them as opaque nodes with known output shapes. Each dispatches per call to the Triton
+   kernels or to an equivalent torch implementation (fastmlp.backend decides).
+3. ``FusedLinearFunction``: the public autograd.Function tying the forward op to the backward ops.
+   It saves X, W and Y only (Y > 0 is the ReLU mask) and computes only the gradients asked for.
+4. ``fused_linear``: the front used by fastmlp.functional and the modules; applies autocast the
+   way nn.Linear does (every float16/bfloat16/float32 input cast to the autocast dtype).
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from fastmlp import backend
+
+ACTIVATIONS = ("relu", "none")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------
+def check_linear_inputs(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        activation: str = "relu") -> None:
+    """Raise a clear error for anything the kernels cannot take (never a crash inside one)."""
+    for name, t in (("input", x), ("weight", weight), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"fastmlp linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"fastmlp linear: {name} has dtype {t.dtype}; expected one of float16, bfloat16, "
+                f"float32, float64")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"fastmlp linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if weight.dim() != 2:
+        raise ValueError(
+            f"fastmlp linear: weight must be 2-D [out_features, in_features], got shape "
+            f"{tuple(weight.shape)}")
+    if x.dim() < 1:
+        raise ValueError("fastmlp linear: input must have at least 1 dimension, got a 0-d tensor")
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"fastmlp linear: input's last dimension is {x.shape[-1]} (input shape {tuple(x.shape)}) "
+            f"but weight {tuple(weight.shape)} expects in_features={in_features}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_features):
+        raise ValueError(
+            f"fastmlp linear: bias must have shape ({out_features},) to match weight "
+            f"{tuple(weight.shape)}, got {tuple(bias.shape)}")
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        got = f"input {x.dtype}, weight {weight.dtype}" + (f", bias {bias.dtype}" if bias is not None else "")
+        raise TypeError(
+            f"fastmlp linear: dtypes differ ({got}); cast them to one dtype or run under "
+            f"torch.autocast")
+    if x.device != weight.device or (bias is not None and bias.device != weight.device):
+        got = f"input on {x.device}, weight on {weight.device}" + (
+            f", bias on {bias.device}" if bias is not None else "")
+        raise ValueError(f"fastmlp linear: tensors are on different devices ({got})")
+
+
+def _allow_tf32() -> bool:
+    """torch's fp32 matmul setting: "highest" (the default) means exact fp32 products (no TF32)."""
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def _kernels():
+    """Import the Triton launchers only when a Triton path runs (importing triton costs ~1 s)."""
+    from fastmlp.kernels import linear_relu
+    return linear_relu
+
+
+# --------------------------------------------------------------------------------------------
+# Torch reference implementation (CPU default; same math and saved tensors as the kernels)
+# --------------------------------------------------------------------------------------------
+def _torch_forward(x, weight, bias, activation):
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    return torch.relu_(y) if activation == "relu" else y
+
+
+def _masked_grad(grad, y, activation):
+    # Y > 0 is false where the pre-activation was 0 (or NaN), exactly like torch's relu backward.
+    return torch.where(y > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)) \
+        if activation == "relu" else grad
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library ops
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastmlp::linear_act", mutates_args=())
+def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               activation: str) -> torch.Tensor:
+    """Y = act(X Wᵀ + b) for 2-D X [M, K], W [N, K], b [N] or None."""
+    if backend.uses_triton(x.device, x.dtype):
+        return _kernels().linear_act_forward(x, weight, bias, activation, _allow_tf32())
+    return _torch_forward(x, weight, bias, activation)
+
+
+@linear_act.register_fake
+def _(x, weight, bias, activation):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("fastmlp::linear_act_grad_input", mutates_args=())
+def linear_act_grad_input(grad: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                          activation: str) -> torch.Tensor:
+    """dX = (G ⊙ [Y > 0]) W (mask only for relu)."""
+    if backend.uses_triton(grad.device, grad.dtype):
+        return _kernels().linear_act_grad_input(grad, y, weight, activation, _allow_tf32())
+    return _masked_grad(grad, y, activation) @ weight
+
+
+@linear_act_grad_input.register_fake
+def _(grad, y, weight, activation):
+    return grad.new_empty((grad.shape[0], weight.shape[1]))
+
+
+@torch.library.custom_op("fastmlp::linear_act_grad_weight", mutates_args=())
+def linear_act_grad_weight(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor, activation: str,
+                           compute_weight: bool, compute_bias: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """dW = (G ⊙ [Y > 0])ᵀ X and db = column sums of the same masked G, in one pass.
+
+    A gradient that is not asked for comes back as an empty tensor of shape (0,).
+    """
+    if backend.uses_triton(grad.device, grad.dtype):
+        dw, db = _kernels().linear_act_grad_weight(grad, y, x, activation, compute_weight,
+                                                   compute_bias, _allow_tf32())
+    else:
+        g = _masked_grad(grad, y, activation)
+        dw = g.t() @ x if compute_weight else None
+        db = g.sum(0) if compute_bias else None
+    return (dw if dw is not None else grad.new_empty((0,)),
+            db if db is not None else grad.new_empty((0,)))
+
+
+@linear_act_grad_weight.register_fake
+def _(grad, y, x, activation, compute_weight, compute_bias):
+    n, k = grad.shape[1], x.shape[1]
+    return (grad.new_empty((n, k) if compute_weight else (0,)),
+            grad.new_empty((n,) if compute_bias else (0,)))
+
+
+def linear_act_backward(grad, x, weight, y, activation, needs_x, needs_w, needs_b):
+    """The three gradients of Y = act(X Wᵀ + b), each computed only if needed (else None)."""
+    dx = dw = db = None
+    if needs_x:
+        dx = linear_act_grad_input(grad, y, weight, activation)
+    if needs_w or needs_b:
+        dw, db = linear_act_grad_weight(grad, y, x, activation, needs_w, needs_b)
+        dw = dw if needs_w else None
+        db = db if needs_b else None
+    return dx, dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, activation = inputs
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+    # Y is saved only when the ReLU mask needs it; a plain linear keeps X and W alone.
+    ctx.save_for_backward(x, weight, output if activation == "relu" else None)
+
+
+def _op_backward(ctx, grad):
+    x, weight, y = ctx.saved_tensors
+    needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+    dx, dw, db = linear_act_backward(grad, x, weight, y if y is not None else grad, ctx.activation,
+                                     needs_x, needs_w, needs_b and ctx.has_bias)
+    return dx, dw, db, None
+
+
+linear_act.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# The public autograd.Function and the front used by functional / nn
+# --------------------------------------------------------------------------------------------
+class FusedLinearFunction(torch.autograd.Function):
+    """Y = act(X Wᵀ + b) with fused Triton forward and backward kernels.
+
+    ``FusedLinearFunction.apply(x, weight, bias, activation)``: x of any shape [..., K], weight
+    [N, K] (nn.Linear layout), bias [N] or None, activation "relu" or "none". Saves X, W and Y
+    (Y only for relu); backward computes only the gradients autograd asks for. Call
+    fastmlp.functional.linear_relu instead to get autocast handled as nn.Linear does.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias=None, activation="relu"):
+        check_linear_inputs(x, weight, bias, activation)
+        x2 = x.reshape(-1, x.shape[-1])
+        y2 = linear_act(x2, weight, bias, activation)
+        ctx.activation = activation
+        ctx.has_bias = bias is not None
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(x2, weight, y2 if activation == "relu" else None)
+        return y2.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight, y2 = ctx.saved_tensors
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        g2 = grad.reshape(-1, weight.shape[0])
+        dx, dw, db = linear_act_backward(g2, x2, weight, y2 if y2 is not None else g2,
+                                         ctx.activation, needs_x, needs_w, needs_b and ctx.has_bias)
+        if dx is not None:
+            dx = dx.view(ctx.x_shape)
+        return dx, dw, db, None
+
+
+def _autocast_inputs(x, weight, bias):
+    """Cast like nn.Linear under autocast: fp16/bf16/fp32 tensors go to the autocast dtype."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        if t is None or t.dtype == dtype or t.dtype == torch.float64 or not t.is_floating_point():
+            return t
+        return t.to(dtype)
+
+    return cast(x), cast(weight), cast(bias)
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 activation: str = "relu") -> torch.Tensor:
+    """act(x @ weight.T + bias) through FusedLinearFunction, with nn.Linear's autocast rules."""
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):
+        x, weight, bias = _autocast_inputs(x, weight, bias)
+    return FusedLinearFunction.apply(x, weight, bias, activation)
