@@ -1,0 +1,54 @@
+"""Test setup: run the Triton kernels on CUDA when there is a GPU, else through the interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is set here, at conftest
+import, when no CUDA device is present. Fixtures:
+  device          "cuda" with a GPU, else "cpu"
+  triton_backend  forces fastmlp's Triton kernels for the test (interpreter on CPU) and poisons
+                  every kernel output with NaN before launch, so an unwritten element fails
+  torch_backend   forces the torch implementation for the test
+"""
+
+import os
+import sys
+
+import pytest
+
+if "triton" not in sys.modules:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+import fastmlp  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    from fastmlp.kernels import debug
+
+    monkeypatch.setattr(debug, "POISON_OUTPUTS", True)
+    with fastmlp.use_backend("triton"):
+        yield "triton"
+
+
+@pytest.fixture
+def torch_backend():
+    with fastmlp.use_backend("torch"):
+        yield "torch"
