@@ -1,0 +1,8 @@
+"""fastmlp's benchmark suite: fastmlp against stock torch, same run, same inputs.
+
+    python -m bench                 the report for the device at hand (bench/__main__.py)
+    pytest bench --benchmark-only   the same cases as pytest-benchmark tests
+    bench/gpu_check.sh OUT          tests + compute-sanitizer + report on a CUDA machine
+
+Imports point one way: bench uses fastmlp, fastmlp never imports bench.
+"""

@@ -1,0 +1,107 @@
+"""The catalogue of benchmark cases: which workload, shape, dtype and pass gets timed.
+
+One list feeds both the report runner (python -m bench) and the pytest-benchmark files, so the
+two can never disagree about what a case is. A case is data only; bench.variants and bench.loops
+turn it into runnable code for fastmlp and for each baseline.
+"""
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+from bench import costs
+
+DTYPES = ("fp32", "tf32", "fp16", "bf16")
+
+# The seed network (intro-to-pytorch): N, D_in, H, D_out = 64, 1000, 100, 10; 64,000 samples.
+SEED_BATCH, SEED_DIMS, SEED_SAMPLES = 64, (1000, 100, 10), 64_000
+# The MLP layer shapes of the issue: (M, K, N, gpu_only).
+MLP_SHAPES = ((8192, 1024, 1024, False), (8192, 4096, 4096, False),
+              (65536, 256, 256, False), (8192, 8192, 8192, True))
+# Stand-ins with the same structure for the harness's own tests (--tiny).
+TINY_BATCH, TINY_DIMS, TINY_SAMPLES = 8, (16, 12, 4), 64
+TINY_MLP_SHAPES = ((32, 16, 16, False), (64, 8, 8, False))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One timed workload.
+
+    kind:   "layer" (Linear+ReLU as a hidden layer: the input needs a gradient),
+            "model" (Linear, ReLU, …, Linear: the seed network; data needs no gradient), or
+            "epoch" (one pass of the training loop over `samples` samples).
+    pass_:  "fwd" (inference, under no_grad), "fwd+bwd", "step" (fwd+bwd+SGD) or "epoch".
+    dims:   feature sizes in → … → out; batch is M.
+    launch_bound: microsecond-sized calls, where launch overhead decides (also timed in a CUDA graph).
+    """
+
+    workload: str
+    kind: str
+    pass_: str
+    dtype: str
+    batch: int
+    dims: Tuple[int, ...]
+    samples: int = 0
+    gpu_only: bool = False
+    launch_bound: bool = False
+    tags: Tuple[str, ...] = field(default=())
+
+    @property
+    def shape(self) -> str:
+        return f"{self.batch}x" + "->".join(str(d) for d in self.dims)
+
+    @property
+    def id(self) -> str:
+        """Unique name, also the pytest-benchmark group: workload/shape/dtype/pass."""
+        return f"{self.workload}/{self.shape}/{self.dtype}/{self.pass_}"
+
+    @property
+    def cost(self) -> costs.Cost:
+        if self.kind == "epoch":
+            steps = self.samples // self.batch
+            return costs.mlp_cost(self.batch, self.dims, self.dtype, "step", False) * steps
+        return costs.mlp_cost(self.batch, self.dims, self.dtype, self.pass_,
+                              input_grad=self.kind == "layer")
+
+
+def catalogue(device_type: str, full: bool = False, tiny: bool = False,
+              dtypes: Optional[List[str]] = None) -> List[Case]:
+    """Every case to run on `device_type` ("cuda" or "cpu"), in run order (cheapest first).
+
+    Default on CUDA: all shapes, all four precisions. Default on CPU: fp32 only, the seed
+    workloads, the 1024 and skinny MLP shapes (a couple of minutes on two cores). full: on CPU add
+    the 4096 shape and the half precisions. tiny: the same structure at toy sizes, for tests.
+    dtypes, if given, restricts the precisions.
+    """
+    on_gpu = device_type == "cuda"
+    batch, dims, samples = (TINY_BATCH, TINY_DIMS, TINY_SAMPLES) if tiny else (
+        SEED_BATCH, SEED_DIMS, SEED_SAMPLES)
+    shapes = TINY_MLP_SHAPES if tiny else MLP_SHAPES
+    if on_gpu:
+        mlp_dtypes = list(DTYPES)
+    else:
+        # tf32 has no CPU meaning; half precisions on two CPU cores only when asked for.
+        mlp_dtypes = ["fp32", "bf16", "fp16"] if full else ["fp32"]
+    if dtypes:
+        mlp_dtypes = [d for d in mlp_dtypes if d in dtypes] or [d for d in dtypes if d in DTYPES]
+
+    cases: List[Case] = []
+    if not dtypes or "fp32" in dtypes:
+        for pass_ in ("fwd", "fwd+bwd"):
+            cases.append(Case("seed-layer", "layer", pass_, "fp32", batch, dims[:2],
+                              launch_bound=True, tags=("seed",)))
+        for pass_ in ("fwd", "fwd+bwd", "step"):
+            cases.append(Case("seed-model", "model", pass_, "fp32", batch, dims,
+                              launch_bound=True, tags=("seed",)))
+    for m, k, n, gpu_only in shapes:
+        if gpu_only and not on_gpu:
+            continue
+        if not on_gpu and not full and not tiny and k >= 4096:
+            continue
+        for dtype in mlp_dtypes:
+            for pass_ in ("fwd", "fwd+bwd"):
+                cases.append(Case("mlp-layer", "layer", pass_, dtype, m, (k, n),
+                                  gpu_only=gpu_only, tags=("mlp",)))
+    if not dtypes or "fp32" in dtypes:
+        cases.append(Case("seed-epoch", "epoch", "epoch", "fp32", batch, dims, samples=samples,
+                          tags=("seed", "loop")))
+    return cases

@@ -1,0 +1,94 @@
+"""One training epoch of the seed workload, three ways, as runnable calls.
+
+  stock-dataloader                  the seed's loop: TensorDataset + DataLoader(batch_size=64),
+                                    batches moved to the device each step, nn.Linear model,
+                                    MSELoss(reduction="sum"), torch.optim.SGD(lr=1e-4)
+  stock-dataloader+compile-ro       the same loop with torch.compile(model, mode="reduce-overhead")
+                                    (CUDA graphs on GPU; on CPU it is plain inductor)
+  fastmlp                           fastmlp.fit + fastmlp.TensorLoader + fastmlp.SGD on the fused model
+
+All three shuffle (a loop that never shuffles is not training); the data starts on the CPU, as in
+the seed, where it came from numpy. Each timed call is one whole epoch; the first epoch (compile,
+autotune, graph capture) is a warm-up and is reported separately as first_call_s. fastmlp's loop
+parts arrive with the training-loop issue: until fastmlp has fit, TensorLoader and SGD, the
+fastmlp variant reports itself as unavailable instead of timing anything else under its name.
+"""
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fastmlp
+from bench.cases import Case
+from bench.variants import SEED_LR, Runnable, reference_model
+
+EPOCH_VARIANTS = ("fastmlp", "stock-dataloader", "stock-dataloader+compile-ro")
+LOOP_API = ("fit", "TensorLoader", "SGD")
+
+
+class Unavailable(RuntimeError):
+    """The variant cannot run with this fastmlp (a part of its API has not landed yet)."""
+
+
+def missing_loop_api() -> list:
+    """Names of fastmlp's training-loop API that this installation lacks."""
+    return [name for name in LOOP_API if not hasattr(fastmlp, name)]
+
+
+def epoch_data(case: Case):
+    """The seed's dataset: x [samples, D_in], y [samples, D_out], float32 on the CPU."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(case.samples, case.dims[0], generator=gen)
+    y = torch.randn(case.samples, case.dims[-1], generator=gen)
+    return x, y
+
+
+def build_epoch(case: Case, name: str, device: torch.device, data) -> Runnable:
+    """One epoch of variant `name`; the Runnable's notes carry what ran."""
+    x, y = data
+    model = reference_model(case, device)
+    loss_fn = nn.MSELoss(reduction="sum")
+    last = {"loss": float("nan")}
+
+    if name == "fastmlp":
+        missing = missing_loop_api()
+        if missing:
+            raise Unavailable(f"fastmlp has no {', '.join(missing)} yet (training-loop issue)")
+        model = fastmlp.fuse(model)
+        loader = fastmlp.TensorLoader(x, y, batch_size=case.batch, shuffle=True, device=device)
+        optimizer = fastmlp.SGD(model.parameters(), lr=SEED_LR)
+
+        def epoch():
+            history = fastmlp.fit(model, loader, loss_fn, optimizer, epochs=1, cuda_graph="auto",
+                                  progress=False)
+            losses = history["loss"] if isinstance(history, dict) else []
+            last["loss"] = float(losses[-1]) if len(losses) else float("nan")
+
+        return Runnable(epoch, notes="fastmlp.fit(cuda_graph='auto') + TensorLoader + fuse + fastmlp.SGD",
+                        output=lambda: torch.tensor(last["loss"]))
+
+    if name.endswith("+compile-ro"):
+        torch._dynamo.reset()
+        model = torch.compile(model, mode="reduce-overhead")
+    elif name != "stock-dataloader":
+        raise ValueError(f"unknown epoch variant {name!r}")
+    loader = DataLoader(TensorDataset(x, y), batch_size=case.batch, shuffle=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=SEED_LR)
+
+    def epoch():
+        loss = None
+        for inputs, labels in loader:
+            inputs, labels = inputs.to(device), labels.to(device)
+            loss = loss_fn(model(inputs), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        last["loss"] = float(loss.detach()) if loss is not None else float("nan")
+
+    notes = "DataLoader(TensorDataset, shuffle=True) + torch.optim.SGD"
+    if name.endswith("+compile-ro"):
+        notes += " + torch.compile(mode='reduce-overhead')"
+    return Runnable(epoch, notes=notes, output=lambda: torch.tensor(last["loss"]))
+
+
+__all__ = ["EPOCH_VARIANTS", "Unavailable", "build_epoch", "epoch_data", "missing_loop_api"]

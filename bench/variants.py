@@ -1,0 +1,199 @@
+"""fastmlp and its baselines as runnable calls, for the layer and model cases.
+
+Every variant starts from the same reference nn.Sequential (same seed, same parameters, same
+inputs) and differs only in how it computes:
+
+  eager                 nn.Linear + nn.ReLU, as users write it
+  fastmlp               fastmlp.fuse(...) of that model: FusedLinearReLU layers
+  cublaslt-epilogue     torch._addmm_activation (cuBLASLt's bias+ReLU epilogue) forward; it has no
+                        autograd formula, so its backward is plain torch ops (mask, 2 mm, sum)
+  compile               torch.compile(model, fullgraph=True, dynamic=False)
+  compile-max-autotune  the same with mode="max-autotune" (long compiles: opt-in)
+
+A Runnable's fn is one timed call with no synchronisation (the timer owns that); reset and grads
+say what must be cleared outside the timed region (gradients, so that no variant pays for
+accumulating into a previous call's .grad).
+"""
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+from torch import nn
+
+import fastmlp
+from bench.cases import Case
+
+TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16,
+                "bf16": torch.bfloat16}
+LAYER_VARIANTS = ("fastmlp", "eager", "cublaslt-epilogue", "compile", "compile-max-autotune")
+COMPILE_MODES = {"compile": "default", "compile-max-autotune": "max-autotune"}
+SEED_LR = 1e-4
+
+
+@dataclass
+class Runnable:
+    """One variant of one case, ready to time."""
+
+    fn: Callable[[], object]
+    reset: Optional[Callable[[], None]] = None
+    grads: List[torch.Tensor] = field(default_factory=list)
+    output: Optional[Callable[[], torch.Tensor]] = None  # the fwd output, for the parity check
+    notes: str = ""
+
+
+@contextlib.contextmanager
+def precision(dtype: str):
+    """fp32 matmuls exact ("highest", torch's default) unless the case is tf32; restored after."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if dtype == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+class _AddmmReLUFunction(torch.autograd.Function):
+    """relu(b + X Wᵀ) by torch._addmm_activation, with the backward a torch user would write."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        y = torch._addmm_activation(bias, x, weight.t())
+        ctx.save_for_backward(x, weight, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, y = ctx.saved_tensors
+        g = grad.masked_fill(y <= 0, 0)
+        dx = g @ weight if ctx.needs_input_grad[0] else None
+        dw = g.t() @ x if ctx.needs_input_grad[1] else None
+        db = g.sum(0) if ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+class EpilogueLinearReLU(nn.Linear):
+    """nn.Linear + ReLU through the cuBLASLt epilogue (torch._addmm_activation)."""
+
+    def forward(self, input):
+        return _AddmmReLUFunction.apply(input, self.weight, self.bias)
+
+
+def epilogue_fuse(model: nn.Sequential) -> nn.Sequential:
+    """Replace each nn.Linear → nn.ReLU pair with EpilogueLinearReLU (shared parameters)."""
+    mods = list(model)
+    out, i = [], 0
+    while i < len(mods):
+        if isinstance(mods[i], nn.Linear) and i + 1 < len(mods) and isinstance(mods[i + 1], nn.ReLU):
+            lin = mods[i]
+            fused = EpilogueLinearReLU(lin.in_features, lin.out_features, device="meta")
+            fused.weight, fused.bias = lin.weight, lin.bias
+            out.append(fused)
+            i += 2
+        else:
+            out.append(mods[i])
+            i += 1
+    return nn.Sequential(*out)
+
+
+def reference_model(case: Case, device: torch.device) -> nn.Sequential:
+    """The case's network in nn.Linear/nn.ReLU form: Linear+ReLU per layer, none after a model's last."""
+    torch.manual_seed(0)
+    layers: List[nn.Module] = []
+    pairs = list(zip(case.dims[:-1], case.dims[1:]))
+    for i, (k, n) in enumerate(pairs):
+        layers.append(nn.Linear(k, n))
+        if case.kind == "layer" or i < len(pairs) - 1:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers).to(device=device, dtype=TORCH_DTYPES[case.dtype])
+
+
+@dataclass
+class CaseData:
+    """Inputs shared by every variant of a case: X, the target (model) or upstream grad (layer)."""
+
+    x: torch.Tensor
+    target: torch.Tensor
+
+
+def case_data(case: Case, device: torch.device) -> CaseData:
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    dtype = TORCH_DTYPES[case.dtype]
+    x = torch.randn(case.batch, case.dims[0], generator=gen).to(device=device, dtype=dtype)
+    target = torch.randn(case.batch, case.dims[-1], generator=gen).to(device=device, dtype=dtype)
+    return CaseData(x, target)
+
+
+def build_model(name: str, reference: nn.Sequential) -> nn.Module:
+    """The variant's module: a private copy of the reference parameters, computed its own way."""
+    model = copy.deepcopy(reference)
+    if name == "eager":
+        return model
+    if name == "fastmlp":
+        return fastmlp.fuse(model)
+    if name == "cublaslt-epilogue":
+        return epilogue_fuse(model)
+    if name in COMPILE_MODES:
+        torch._dynamo.reset()  # a fresh cache per case: no silent fallback at the recompile limit
+        kwargs = {} if COMPILE_MODES[name] == "default" else {"mode": COMPILE_MODES[name]}
+        return torch.compile(model, fullgraph=True, dynamic=False, **kwargs)
+    raise ValueError(f"unknown variant {name!r}")
+
+
+def make_optimizer(name: str, params):
+    """fastmlp.SGD for the fastmlp variant once it exists, else (and for baselines) torch.optim.SGD."""
+    if name == "fastmlp" and hasattr(fastmlp, "SGD"):
+        return fastmlp.SGD(params, lr=SEED_LR), "fastmlp.SGD"
+    return torch.optim.SGD(params, lr=SEED_LR), "torch.optim.SGD"
+
+
+def build(case: Case, name: str, reference: nn.Sequential, data: CaseData) -> Runnable:
+    """The timed call of variant `name` for a layer or model case."""
+    model = build_model(name, reference)
+    params = [p for p in model.parameters()]
+    if case.pass_ == "fwd":
+        x = data.x
+        last = {}
+
+        def forward():
+            with torch.no_grad():
+                last["y"] = model(x)
+            return last["y"]
+
+        return Runnable(forward, output=lambda: last["y"])
+
+    if case.kind == "layer":
+        # A hidden layer: its input needs a gradient; the upstream gradient is a fixed tensor.
+        x = data.x.detach().clone().requires_grad_(True)
+        grad_out = data.target
+
+        def forward_backward():
+            model(x).backward(grad_out)
+
+        grads = [x] + params
+        return Runnable(forward_backward, reset=lambda: _clear(grads), grads=grads)
+
+    loss_fn = nn.MSELoss(reduction="sum")  # the seed's MSELoss(size_average=False)
+    x, target = data.x, data.target
+    if case.pass_ == "fwd+bwd":
+        def forward_backward():
+            loss_fn(model(x), target).backward()
+
+        return Runnable(forward_backward, reset=lambda: _clear(params), grads=params)
+
+    optimizer, opt_name = make_optimizer(name, params)
+
+    def step():
+        loss = loss_fn(model(x), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Runnable(step, notes=f"optimizer {opt_name}")
+
+
+def _clear(tensors):
+    for t in tensors:
+        t.grad = None
