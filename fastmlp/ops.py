@@ -87,8 +87,9 @@ def _torch_forward(x, weight, bias, activation):
 
 
 def _masked_grad(grad, y, activation):
-    # Y > 0 is false where the pre-activation was 0 (or NaN), exactly like torch's relu backward.
-    return torch.where(y > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)) \
+    # torch's relu backward: 0 where Y <= 0 (pre-activation exactly 0 included); the gradient
+    # passes where Y is NaN, since NaN <= 0 is false.
+    return torch.where(y <= 0, torch.zeros((), dtype=grad.dtype, device=grad.device), grad) \
         if activation == "relu" else grad
 
 

@@ -52,3 +52,29 @@ def triton_backend(monkeypatch):
 def torch_backend():
     with fastmlp.use_backend("torch"):
         yield "torch"
+
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+_IMPLS = [
+    pytest.param(("triton", "cpu"), id="triton-interpreter",
+                 marks=pytest.mark.skipif(not INTERPRETER, reason="Triton interpreter is off (GPU run)")),
+    pytest.param(("torch", "cpu"), id="torch-cpu"),
+    pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.gpu),
+    pytest.param(("torch", "cuda"), id="torch-cuda", marks=pytest.mark.gpu),
+]
+
+
+@pytest.fixture(params=_IMPLS)
+def impl(request, monkeypatch):
+    """Every (backend, device) pair that can run here; yields the device.
+
+    The Triton variants poison kernel outputs with NaN before each launch.
+    """
+    backend_name, device_name = request.param
+    if backend_name == "triton":
+        from fastmlp.kernels import debug
+
+        monkeypatch.setattr(debug, "POISON_OUTPUTS", True)
+    with fastmlp.use_backend(backend_name):
+        yield device_name

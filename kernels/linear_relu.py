@@ -1,0 +1,380 @@
+"""Fused Linear(+bias)(+ReLU) in Triton: forward, backward dX, backward dW + db.
+
+The math (X [M, K], W [N, K] in nn.Linear layout, b [N], G = dL/dY [M, N]):
+
+    forward   Y  = relu(X Wᵀ + b)            bias added to the fp32 accumulator, one rounding
+    dX        dX = (G ⊙ [Y > 0]) W            mask applied to each G tile as it is loaded
+    dW, db    dW = (G ⊙ [Y > 0])ᵀ X,  db = Σ_rows (G ⊙ [Y > 0])   same masked tiles, one kernel
+
+The mask [Y > 0] is computed as "not Y <= 0", torch's own ReLU backward (threshold_backward):
+the gradient is 0 where the pre-activation was <= 0, exactly 0 included, and passes where Y is
+NaN (NaN <= 0 is false). The ReLU itself is ``where(acc < 0, 0, acc)``: NaN survives it, as in torch (a
+``maximum`` compiles to max.f32 on the GPU, which drops NaN).
+
+Layout of this file: jit helpers, the three kernels, then their launchers. Every kernel takes
+arbitrary strides (no copies of transposed or sliced inputs) and forms addresses in int64, so
+tensors past 2**31 elements index correctly. Programs are ordered in groups along the output rows
+so that neighbouring programs reuse the same column tiles while they sit in L2 (Triton tutorial 03).
+
+dW + db are deterministic: each program owns its output tile and walks its rows in a fixed order;
+when the output has too few tiles to fill the GPU (M >> N, K), the rows are split into SPLIT
+chunks whose fp32 partial sums are then added in a fixed order (a torch sum over the split axis).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fastmlp.kernels import tuning
+from fastmlp.kernels.debug import new_output
+
+
+# ----------------------------------------------------------------------------------------------
+# jit helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _grouped_tile(pid, num_row_tiles, num_col_tiles, GROUP: tl.constexpr):
+    """Map a linear program id to (row tile, column tile), GROUP row tiles at a time."""
+    programs_per_group = GROUP * num_col_tiles
+    group_id = pid // programs_per_group
+    first_row = group_id * GROUP
+    group_rows = tl.minimum(num_row_tiles - first_row, GROUP)
+    row = first_row + (pid % programs_per_group) % group_rows
+    col = (pid % programs_per_group) // group_rows
+    return row, col
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += a @ b. UPCAST is set only under the interpreter, whose bf16 dot is wrong."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward: Y = act(X Wᵀ + b)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def linear_act_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    OFFSET_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
+    # Where this program's tiles start, in int64 (M * stride can pass 2**31); offsets inside a
+    # tile are small and stay in OFFSET_DTYPE (int32 unless a stride is huge), which halves the
+    # registers that addressing takes.
+    m0 = pid_m.to(tl.int64) * BLOCK_M
+    n0 = pid_n.to(tl.int64) * BLOCK_N
+    rm = tl.arange(0, BLOCK_M).to(OFFSET_DTYPE)
+    rn = tl.arange(0, BLOCK_N).to(OFFSET_DTYPE)
+    rk = tl.arange(0, BLOCK_K).to(OFFSET_DTYPE)
+    in_m = rm < tl.minimum(M - m0, BLOCK_M).to(tl.int32)
+    in_n = rn < tl.minimum(N - n0, BLOCK_N).to(tl.int32)
+    x_tile = rm[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_tile = rk[:, None] * stride_wk + rn[None, :] * stride_wn  # Wᵀ tile [BLOCK_K, BLOCK_N]
+    x_base = x_ptr + m0 * stride_xm
+    w_base = w_ptr + n0 * stride_wn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        in_k = rk < K - k0
+        x = tl.load(x_base + x_tile, mask=in_m[:, None] & in_k[None, :], other=0.0)
+        w = tl.load(w_base + w_tile, mask=in_k[:, None] & in_n[None, :], other=0.0)
+        acc = _mma(x, w, acc, DOT_PRECISION, UPCAST)
+        x_base += tl.cast(stride_xk, tl.int64) * BLOCK_K
+        w_base += tl.cast(stride_wk, tl.int64) * BLOCK_K
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + n0 * stride_b + rn * stride_b, mask=in_n, other=0.0)
+        acc += bias.to(ACC_DTYPE)[None, :]
+    if RELU:
+        acc = tl.where(acc < 0, 0.0, acc)
+    y_ptrs = y_ptr + m0 * stride_ym + n0 * stride_yn + (rm[:, None] * stride_ym + rn[None, :] * stride_yn)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward dX = (G ⊙ [Y > 0]) W
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def linear_act_grad_input_kernel(
+    g_ptr, y_ptr, w_ptr, dx_ptr,
+    M, N, K,
+    stride_gm, stride_gn, stride_wn, stride_wk, stride_dxm, stride_dxk,
+    RELU: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    OFFSET_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+):
+    """G and Y have the same strides (the launcher makes it so): one offset tile serves both."""
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP)
+    m0 = pid_m.to(tl.int64) * BLOCK_M
+    k0 = pid_k.to(tl.int64) * BLOCK_K
+    rm = tl.arange(0, BLOCK_M).to(OFFSET_DTYPE)
+    rk = tl.arange(0, BLOCK_K).to(OFFSET_DTYPE)
+    rn = tl.arange(0, BLOCK_N).to(OFFSET_DTYPE)
+    in_m = rm < tl.minimum(M - m0, BLOCK_M).to(tl.int32)
+    in_k = rk < tl.minimum(K - k0, BLOCK_K).to(tl.int32)
+    gy_tile = rm[:, None] * stride_gm + rn[None, :] * stride_gn
+    w_tile = rn[:, None] * stride_wn + rk[None, :] * stride_wk
+    g_base = g_ptr + m0 * stride_gm
+    y_base = y_ptr + m0 * stride_gm
+    w_base = w_ptr + k0 * stride_wk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+    for n0 in range(0, N, BLOCK_N):
+        in_n = rn < N - n0
+        tile = in_m[:, None] & in_n[None, :]
+        g = tl.load(g_base + gy_tile, mask=tile, other=0.0)
+        if RELU:
+            y = tl.load(y_base + gy_tile, mask=tile, other=0.0)
+            g = tl.where(y <= 0, 0.0, g)
+        w = tl.load(w_base + w_tile, mask=in_n[:, None] & in_k[None, :], other=0.0)
+        acc = _mma(g, w, acc, DOT_PRECISION, UPCAST)
+        g_base += tl.cast(stride_gn, tl.int64) * BLOCK_N
+        y_base += tl.cast(stride_gn, tl.int64) * BLOCK_N
+        w_base += tl.cast(stride_wn, tl.int64) * BLOCK_N
+
+    dx_ptrs = dx_ptr + m0 * stride_dxm + k0 * stride_dxk + (rm[:, None] * stride_dxm + rk[None, :] * stride_dxk)
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=in_m[:, None] & in_k[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward dW = (G ⊙ [Y > 0])ᵀ X and db = Σ_rows (G ⊙ [Y > 0]), rows optionally split in chunks
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def linear_act_grad_weight_kernel(
+    g_ptr, y_ptr, x_ptr, dw_ptr, db_ptr,
+    M, N, K, rows_per_split,
+    stride_gm, stride_gn, stride_xm, stride_xk,
+    stride_dw_split, stride_dwn, stride_dwk, stride_db_split,
+    RELU: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    OFFSET_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
+):
+    """Program (tile, split) reduces rows [split * rows_per_split, ...) into its own output slice."""
+    pid_n, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP)
+    split = tl.program_id(1).to(tl.int64)
+    row_start = split * rows_per_split
+    rows_here = tl.minimum(M - row_start, rows_per_split).to(tl.int32)
+    n0 = pid_n.to(tl.int64) * BLOCK_N
+    k0 = pid_k.to(tl.int64) * BLOCK_K
+    rn = tl.arange(0, BLOCK_N).to(OFFSET_DTYPE)
+    rk = tl.arange(0, BLOCK_K).to(OFFSET_DTYPE)
+    rm = tl.arange(0, BLOCK_M).to(OFFSET_DTYPE)
+    in_n = rn < tl.minimum(N - n0, BLOCK_N).to(tl.int32)
+    in_k = rk < tl.minimum(K - k0, BLOCK_K).to(tl.int32)
+    # G and Y are read transposed, as [BLOCK_N, BLOCK_M] tiles: the left operand of (G ⊙ mask)ᵀ X.
+    gy_tile = rn[:, None] * stride_gn + rm[None, :] * stride_gm
+    x_tile = rm[:, None] * stride_xm + rk[None, :] * stride_xk
+    g_base = g_ptr + row_start * stride_gm + n0 * stride_gn
+    y_base = y_ptr + row_start * stride_gm + n0 * stride_gn
+    x_base = x_ptr + row_start * stride_xm + k0 * stride_xk
+
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
+    acc_bias = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    for m0 in range(0, rows_here, BLOCK_M):
+        in_m = rm < rows_here - m0
+        tile = in_n[:, None] & in_m[None, :]
+        g = tl.load(g_base + gy_tile, mask=tile, other=0.0)
+        if RELU:
+            y = tl.load(y_base + gy_tile, mask=tile, other=0.0)
+            g = tl.where(y <= 0, 0.0, g)
+        if COMPUTE_DW:
+            x = tl.load(x_base + x_tile, mask=in_m[:, None] & in_k[None, :], other=0.0)
+            acc = _mma(g, x, acc, DOT_PRECISION, UPCAST)
+        if COMPUTE_DB:
+            acc_bias += tl.sum(g.to(ACC_DTYPE), axis=1)
+        g_base += tl.cast(stride_gm, tl.int64) * BLOCK_M
+        y_base += tl.cast(stride_gm, tl.int64) * BLOCK_M
+        x_base += tl.cast(stride_xm, tl.int64) * BLOCK_M
+
+    if COMPUTE_DW:
+        dw_ptrs = (dw_ptr + split * stride_dw_split + n0 * stride_dwn + k0 * stride_dwk
+                   + (rn[:, None] * stride_dwn + rk[None, :] * stride_dwk))
+        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=in_n[:, None] & in_k[None, :])
+    if COMPUTE_DB:
+        # Every column tile summed the same rows; the first one stores the bias gradient.
+        db_ptrs = db_ptr + split * stride_db_split + n0 + rn
+        tl.store(db_ptrs, acc_bias.to(db_ptr.dtype.element_ty), mask=in_n & (pid_k == 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+_ACC_DTYPES = {torch.float64: tl.float64}
+
+
+def _precision(dtype: torch.dtype, allow_tf32: bool):
+    """(accumulator dtype, tl.dot input_precision, upcast flag) for one input dtype.
+
+    fp32 follows torch: exact ("ieee") products unless torch allows TF32. The interpreter's bf16
+    dot multiplies raw bit patterns, so there (and only there) bf16 tiles are upcast to fp32.
+    """
+    acc = _ACC_DTYPES.get(dtype, tl.float32)
+    precision = "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
+    upcast = dtype == torch.bfloat16 and tuning.interpreter_enabled()
+    return acc, precision, upcast
+
+
+def _capability(device: torch.device):
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+
+
+def _configs_and_key(name, tensor, precision, dims, flags):
+    capability = _capability(tensor.device)
+    key = (name, tensor.device, capability, tensor.dtype, precision, flags) + tuple(
+        tuning.bucket(d) for d in dims)
+    return tuning.candidate_configs(tensor.dtype, precision, capability), key
+
+
+def _offset_dtype(*tensors: torch.Tensor, extra_strides=()):
+    """int32 tile-local offsets unless some stride is so large that (block - 1) * stride might not fit.
+
+    Offsets inside a tile are at most (255 + 255) * max|stride| for any shipped block size.
+    """
+    strides = [abs(s) for t in tensors for s in t.stride()] + [abs(s) for s in extra_strides]
+    max_stride = max(strides, default=1)
+    return tl.int32 if max_stride * 512 < 2**31 else tl.int64
+
+
+def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias, activation: str,
+                       allow_tf32: bool) -> torch.Tensor:
+    """Y = act(X Wᵀ + b) for 2-D x [M, K]; a new contiguous Y [M, N]."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y = new_output((M, N), dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    acc, precision, upcast = _precision(x.dtype, allow_tf32)
+    relu = activation == "relu"
+    b = bias if bias is not None else weight  # never read when HAS_BIAS is False
+    offset_dtype = _offset_dtype(x, weight, y)
+
+    def launch(cfg: tuning.TileConfig):
+        grid = (triton.cdiv(M, cfg.block_rows) * triton.cdiv(N, cfg.block_cols),)
+        linear_act_fwd_kernel[grid](
+            x, weight, b, y, M, N, K,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), b.stride(0),
+            y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None, RELU=relu,
+            ACC_DTYPE=acc, DOT_PRECISION=precision, UPCAST=upcast, OFFSET_DTYPE=offset_dtype,
+            BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_cols, BLOCK_K=cfg.block_red, GROUP=cfg.group,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    configs, key = _configs_and_key("fwd", x, precision, (M, N, K), (bias is not None, relu))
+    launch(tuning.pick_config(key, configs, x.device, launch))
+    return y
+
+
+def _same_strides(grad: torch.Tensor, y: torch.Tensor):
+    """The backward kernels address G and Y with one offset tile: give them the same strides."""
+    if grad.stride() != y.stride():
+        grad, y = grad.contiguous(), y.contiguous()
+    return grad, y
+
+
+def linear_act_grad_input(grad: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                          activation: str, allow_tf32: bool) -> torch.Tensor:
+    """dX = (G ⊙ [Y > 0]) W (no mask for activation "none"); a new contiguous dX [M, K]."""
+    M, N = grad.shape
+    K = weight.shape[1]
+    dx = new_output((M, K), dtype=grad.dtype, device=grad.device)
+    if M == 0 or K == 0:
+        return dx
+    acc, precision, upcast = _precision(grad.dtype, allow_tf32)
+    relu = activation == "relu"
+    grad, y = _same_strides(grad, y) if relu else (grad, grad)
+    offset_dtype = _offset_dtype(grad, weight, dx)
+
+    def launch(cfg: tuning.TileConfig):
+        grid = (triton.cdiv(M, cfg.block_rows) * triton.cdiv(K, cfg.block_cols),)
+        linear_act_grad_input_kernel[grid](
+            grad, y, weight, dx, M, N, K,
+            grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1),
+            dx.stride(0), dx.stride(1),
+            RELU=relu, ACC_DTYPE=acc, DOT_PRECISION=precision, UPCAST=upcast,
+            OFFSET_DTYPE=offset_dtype,
+            BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_N=cfg.block_red, GROUP=cfg.group,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    configs, key = _configs_and_key("dx", grad, precision, (M, N, K), (relu,))
+    launch(tuning.pick_config(key, configs, grad.device, launch))
+    return dx
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_split(M: int, tiles: int, block_rows: int, device: torch.device) -> int:
+    """How many row chunks dW uses: enough programs for ~2 waves, each chunk >= 4 row tiles."""
+    wanted = max(1, (2 * _multiprocessors(device)) // max(tiles, 1))
+    most = max(1, triton.cdiv(M, 4 * block_rows))
+    return min(wanted, most)
+
+
+def linear_act_grad_weight(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor, activation: str,
+                           compute_weight: bool, compute_bias: bool, allow_tf32: bool,
+                           split: int = None):
+    """(dW or None, db or None) from the same masked G tiles; deterministic.
+
+    `split` fixes the number of row chunks (tests); by default it is chosen from the GPU size.
+    """
+    M, N = grad.shape
+    K = x.shape[1]
+    dtype, device = grad.dtype, grad.device
+    if not (compute_weight or compute_bias):
+        return None, None
+    acc, precision, upcast = _precision(dtype, allow_tf32)
+    relu = activation == "relu"
+    grad, y = _same_strides(grad, y) if relu else (grad, grad)
+    offset_dtype = _offset_dtype(grad, x, extra_strides=(K,))  # K: row stride of dW
+    # Only db: one column tile is enough, and X is never read.
+    k_tiles_k = K if compute_weight else 1
+
+    def run(cfg: tuning.TileConfig, chunks: int):
+        tiles = triton.cdiv(N, cfg.block_rows) * max(1, triton.cdiv(k_tiles_k, cfg.block_cols))
+        if chunks is None:
+            chunks = choose_split(M, tiles, cfg.block_red, device) if M > 0 else 1
+        rows_per_split = triton.cdiv(triton.cdiv(M, chunks), cfg.block_red) * cfg.block_red
+        chunks = max(1, triton.cdiv(M, rows_per_split)) if M > 0 else 1
+        out_dtype = dtype if chunks == 1 else acc_torch_dtype(acc)
+        dw = new_output((chunks, N, K) if compute_weight else (1, 1, 1), dtype=out_dtype, device=device)
+        db = new_output((chunks, N) if compute_bias else (1, 1), dtype=out_dtype, device=device)
+        linear_act_grad_weight_kernel[(tiles, chunks)](
+            grad, y, x, dw, db, M, N, K, rows_per_split,
+            grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),
+            dw.stride(0), dw.stride(1), dw.stride(2), db.stride(0),
+            RELU=relu, COMPUTE_DW=compute_weight, COMPUTE_DB=compute_bias,
+            ACC_DTYPE=acc, DOT_PRECISION=precision, UPCAST=upcast, OFFSET_DTYPE=offset_dtype,
+            BLOCK_N=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_M=cfg.block_red, GROUP=cfg.group,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if chunks > 1:  # fixed-order reduction of the fp32 partial sums
+            return dw.sum(0).to(dtype), db.sum(0).to(dtype)
+        return dw[0], db[0]
+
+    if N == 0 or (K == 0 and not compute_bias):
+        dw = torch.zeros((N, K), dtype=dtype, device=device)
+        db = torch.zeros((N,), dtype=dtype, device=device)
+    else:
+        configs, key = _configs_and_key("dw", grad, precision, (M, N, K),
+                                        (relu, compute_weight, compute_bias))
+        cfg = tuning.pick_config(key, configs, device, lambda c: run(c, split))
+        dw, db = run(cfg, split)
+    return (dw if compute_weight else None), (db if compute_bias else None)
+
+
+def acc_torch_dtype(acc) -> torch.dtype:
+    """The torch dtype of a Triton accumulator dtype (partial sums are stored unrounded)."""
+    return torch.float64 if acc == tl.float64 else torch.float32

@@ -1,0 +1,139 @@
+"""Tile configurations for the linear kernels and a small cached autotuner.
+
+Why not ``triton.autotune``: the config list depends on the GPU generation and on the dtype class
+(fp16/bf16 tensor cores, TF32, exact fp32 FMA), the key must be bucketed (next power of two of each
+dimension) so that a training loop with a fixed shape tunes once, tuning must never run while a
+CUDA graph is being captured, and the tests need one fixed config. A dict lookup per call keeps
+the host path lean.
+
+Every config is named by the role of its dimensions in the kernel that uses it:
+``block_rows`` x ``block_cols`` is the output tile and ``block_red`` the step along the reduction.
+The forward kernel maps them to (M, N, K), dX to (M, K, N) and dW to (N, K, M).
+
+Environment:
+  FASTMLP_AUTOTUNE=0   use the first (default) config of each list, never benchmark (tests, CI).
+Under Triton's interpreter only the interpreter config is used (timing numpy is meaningless).
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_rows: int
+    block_cols: int
+    block_red: int
+    group: int
+    num_warps: int
+    num_stages: int
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("FASTMLP_AUTOTUNE", "1") not in ("0", "false", "False", "")
+
+
+# Small tiles make several programs even for the seed's 64x100 output; big ones are for big GEMMs.
+_INTERPRETER = [TileConfig(32, 32, 32, 4, 4, 1)]
+
+# Tensor-core configs for fp16/bf16. Hopper (sm_90) configs keep 4 or 8 warps (whole warpgroups,
+# so Triton emits wgmma) and tile rows >= 64. The first entry of each list is the default.
+_TENSOR_CORE_SM90 = [
+    TileConfig(128, 128, 64, 8, 8, 3),
+    TileConfig(128, 256, 64, 8, 8, 3),
+    TileConfig(128, 64, 64, 8, 4, 4),
+    TileConfig(64, 128, 64, 8, 4, 4),
+    TileConfig(64, 64, 64, 8, 4, 4),
+    TileConfig(64, 32, 64, 8, 4, 4),
+    TileConfig(64, 64, 128, 8, 4, 3),
+]
+_TENSOR_CORE_SM80 = [
+    TileConfig(128, 128, 32, 8, 8, 4),
+    TileConfig(128, 128, 64, 8, 8, 3),
+    TileConfig(128, 64, 32, 8, 4, 4),
+    TileConfig(64, 128, 32, 8, 4, 4),
+    TileConfig(64, 64, 64, 8, 4, 4),
+    TileConfig(32, 64, 64, 8, 4, 4),
+    TileConfig(32, 32, 64, 8, 2, 4),
+]
+# TF32 operands are 4 bytes: half the reduction step of fp16 for the same shared memory.
+_TF32 = [
+    TileConfig(128, 128, 32, 8, 8, 3),
+    TileConfig(128, 64, 32, 8, 8, 4),
+    TileConfig(64, 128, 32, 8, 4, 4),
+    TileConfig(64, 64, 32, 8, 4, 4),
+    TileConfig(32, 32, 32, 8, 4, 4),
+]
+# Exact fp32 ("ieee") products run on FMA units: moderate tiles, fewer stages.
+_IEEE_FP32 = [
+    TileConfig(64, 64, 32, 8, 4, 3),
+    TileConfig(128, 64, 32, 8, 8, 3),
+    TileConfig(64, 128, 32, 8, 8, 3),
+    TileConfig(32, 64, 32, 8, 4, 3),
+    TileConfig(32, 32, 32, 8, 2, 3),
+]
+
+
+def candidate_configs(dtype: torch.dtype, dot_precision: str, capability: Tuple[int, int]) -> List[TileConfig]:
+    """The configs worth trying for one dtype class on one GPU generation (default first)."""
+    if interpreter_enabled():
+        return _INTERPRETER
+    if dtype in (torch.float16, torch.bfloat16):
+        return _TENSOR_CORE_SM90 if capability[0] == 9 else _TENSOR_CORE_SM80
+    return _TF32 if dot_precision == "tf32" else _IEEE_FP32
+
+
+def all_shipped_configs() -> Dict[str, List[TileConfig]]:
+    """Every GPU config list, by name, for the ahead-of-time compile checks."""
+    return {"tensor_core_sm90": _TENSOR_CORE_SM90, "tensor_core_sm80": _TENSOR_CORE_SM80,
+            "tf32": _TF32, "ieee_fp32": _IEEE_FP32}
+
+
+def bucket(n: int) -> int:
+    """Next power of two (0 stays 0): shapes in one bucket share a tuned config."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+_best: Dict[tuple, TileConfig] = {}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def pick_config(key: tuple, candidates: List[TileConfig], device: torch.device,
+                run: Callable[[TileConfig], None]) -> TileConfig:
+    """The fastest of `candidates` for `key`, timed once with `run(config)` and cached.
+
+    With one candidate, with FASTMLP_AUTOTUNE=0, off CUDA, or during CUDA-graph capture (where
+    timing is impossible) the default config is used and nothing is cached.
+    """
+    best = _best.get(key)
+    if best is not None:
+        return best
+    if len(candidates) == 1 or not autotune_enabled() or device.type != "cuda" or _capturing(device):
+        return candidates[0]
+    import triton.testing
+
+    timings = []
+    for config in candidates:
+        try:
+            ms = triton.testing.do_bench(lambda: run(config), warmup=5, rep=20)
+        except Exception as error:  # a config the compiler rejects (e.g. out of shared memory)
+            if "OutOfResources" not in type(error).__name__ and "out of resource" not in str(error):
+                raise
+            continue
+        timings.append((ms, config))
+    if not timings:
+        raise RuntimeError(f"fastmlp: no kernel config fits this GPU for {key}")
+    best = min(timings, key=lambda t: t[0])[1]
+    _best[key] = best
+    return best

@@ -1,0 +1,274 @@
+"""The fused op against torch in float64: forward, dX, dW, db, on every backend and device here.
+
+`impl` (tests/conftest.py) runs each case on the Triton kernels (through the interpreter on CPU,
+outputs poisoned with NaN before launch) and on the torch path; with a GPU, on CUDA too.
+"""
+
+import pytest
+import torch
+
+import fastmlp
+from fastmlp import functional as F
+from reference import TOLERANCE, assert_close, reference, rel_err
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _inputs(M_shape, K, N, dtype, device, bias=True, gen=None):
+    x = torch.randn(*M_shape, K, dtype=torch.float32, generator=gen).to(device=device, dtype=dtype)
+    w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(device=device, dtype=dtype)
+    b = torch.randn(N, generator=gen).to(device=device, dtype=dtype) if bias else None
+    return x, w, b
+
+
+def _run(x, w, b, activation, grad_out):
+    """Forward + backward through fastmlp; returns (y, dx, dw, db) (None where no grad)."""
+    fn = F.linear_relu if activation == "relu" else F.linear
+    y = fn(x, w, b)
+    y.backward(grad_out)
+    return y, x.grad, w.grad, (b.grad if b is not None else None)
+
+
+def _check_all(x, w, b, activation, dtype, what):
+    grad_out = torch.randn(*x.shape[:-1], w.shape[0], device=x.device).to(dtype)
+    leaves = [t for t in (x, w, b) if t is not None]
+    for t in leaves:
+        t.requires_grad_(True)
+    y, dx, dw, db = _run(x, w, b, activation, grad_out)
+    ry, rdx, rdw, rdb = reference(x, w, b, activation, grad_out)
+    assert y.dtype == dtype and y.shape == ry.shape
+    assert_close(y, ry, dtype, f"{what} forward")
+    assert_close(dx, rdx, dtype, f"{what} dX")
+    assert_close(dw, rdw, dtype, f"{what} dW")
+    if b is not None:
+        assert_close(db, rdb, dtype, f"{what} db")
+
+
+SHAPES = [  # (leading dims of X, K, N)
+    ((64,), 1000, 100),  # the seed's first layer
+    ((64,), 100, 10),  # the seed's second layer
+    ((1,), 1, 1),
+    ((1,), 13, 7),
+    ((37,), 71, 45),  # primes, no multiple of any block
+    ((67,), 33, 131),
+    ((5, 7), 19, 23),  # 3-D input
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,K,N", SHAPES)
+@pytest.mark.parametrize("activation", ["relu", "none"])
+def test_matches_float64_reference(impl, dtype, lead, K, N, activation):
+    torch.manual_seed(hash((lead, K, N)) % 2**31)
+    x, w, b = _inputs(lead, K, N, dtype, impl)
+    _check_all(x, w, b, activation, dtype, f"{lead}x{K}->{N}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_without_bias(impl, dtype):
+    x, w, _ = _inputs((29,), 41, 19, dtype, impl, bias=False)
+    _check_all(x, w, None, "relu", dtype, "no bias")
+
+
+@pytest.mark.parametrize("layout", ["x_transposed", "x_sliced", "w_transposed", "w_sliced", "bias_strided"])
+def test_strided_and_transposed_inputs(impl, layout):
+    dtype = torch.float32
+    M, K, N = 33, 40, 21
+    x = torch.randn(M, K, device=impl)
+    w = torch.randn(N, K, device=impl) / K ** 0.5
+    b = torch.randn(N, device=impl)
+    if layout == "x_transposed":
+        x = torch.randn(K, M, device=impl).t()
+    elif layout == "x_sliced":
+        x = torch.randn(M * 2, K * 3, device=impl)[::2, 1::3]
+    elif layout == "w_transposed":
+        w = (torch.randn(K, N, device=impl) / K ** 0.5).t()
+    elif layout == "w_sliced":
+        w = (torch.randn(N, 2 * K, device=impl) / K ** 0.5)[:, ::2]
+    elif layout == "bias_strided":
+        b = torch.randn(2 * N, device=impl)[::2]
+    x, w, b = x.detach(), w.detach(), b.detach()
+    assert not (x.is_contiguous() and w.is_contiguous() and b.is_contiguous())
+    _check_all(x, w, b, "relu", dtype, layout)
+
+
+@pytest.mark.parametrize("upstream", ["expanded", "transposed"])
+def test_upstream_gradient_non_contiguous(impl, upstream):
+    """y.sum() hands backward a stride-0 gradient; a loss on y.t() hands it a transposed one."""
+    x, w, b = _inputs((23,), 17, 11, torch.float32, impl)
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    y = F.linear_relu(x, w, b)
+    if upstream == "expanded":
+        y.sum().backward()
+        grad_out = torch.ones(23, 11)
+    else:
+        weights = torch.randn(11, 23)
+        (y.t() * weights.to(impl)).sum().backward()
+        grad_out = weights.t()
+    ry, rdx, rdw, rdb = reference(x, w, b, "relu", grad_out)
+    assert_close(x.grad, rdx, torch.float32, "dX")
+    assert_close(w.grad, rdw, torch.float32, "dW")
+    assert_close(b.grad, rdb, torch.float32, "db")
+
+
+@pytest.mark.parametrize("frozen", ["x", "weight", "bias", "weight_and_bias"])
+def test_only_needed_gradients(impl, frozen):
+    x, w, b = _inputs((31,), 26, 18, torch.float32, impl)
+    grads = {"x": frozen != "x", "weight": frozen not in ("weight", "weight_and_bias"),
+             "bias": frozen not in ("bias", "weight_and_bias")}
+    x.requires_grad_(grads["x"])
+    w.requires_grad_(grads["weight"])
+    b.requires_grad_(grads["bias"])
+    grad_out = torch.randn(31, 18, device=impl)
+    y = F.linear_relu(x, w, b)
+    y.backward(grad_out)
+    ry, rdx, rdw, rdb = reference(x, w, b, "relu", grad_out)
+    assert_close(y, ry, torch.float32, "forward")
+    for name, tensor, ref in (("x", x, rdx), ("weight", w, rdw), ("bias", b, rdb)):
+        if grads[name]:
+            assert_close(tensor.grad, ref, torch.float32, name)
+        else:
+            assert tensor.grad is None
+
+
+def test_only_needed_gradients_are_computed(impl, monkeypatch):
+    """A frozen layer's backward launches no weight-gradient work; no input grad, no dX work."""
+    from fastmlp import ops
+
+    calls = []
+    for name in ("linear_act_grad_input", "linear_act_grad_weight"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _o=original, _n=name: calls.append(_n) or _o(*a))
+    x, w, b = _inputs((8,), 6, 5, torch.float32, impl)
+    w.requires_grad_(True)
+    F.linear_relu(x, w, None).sum().backward()
+    assert calls == ["linear_act_grad_weight"]
+    calls.clear()
+    x.requires_grad_(True)
+    w.requires_grad_(False)
+    F.linear_relu(x, w, b).sum().backward()
+    assert calls == ["linear_act_grad_input"]
+
+
+def test_saves_only_x_weight_and_y(impl):
+    x, w, b = _inputs((9,), 12, 7, torch.float32, impl)
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    y = F.linear_relu(x, w, b)
+    saved = [t for t in y.grad_fn.saved_tensors if t is not None]
+    assert len(saved) == 3
+    shapes = sorted(tuple(t.shape) for t in saved)
+    assert shapes == sorted([(9, 12), (7, 12), (9, 7)])
+    assert any(t.data_ptr() == w.data_ptr() for t in saved)
+
+
+def test_empty_batch(impl):
+    x, w, b = _inputs((0,), 10, 4, torch.float32, impl)
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    y = F.linear_relu(x, w, b)
+    assert y.shape == (0, 4)
+    y.sum().backward()
+    assert x.grad.shape == (0, 10)
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_relu_gradient_is_zero_where_preactivation_is_exactly_zero(impl):
+    """Integer-valued inputs make exact pre-activations; the bias zeroes a chosen set of them."""
+    gen = torch.Generator().manual_seed(7)
+    M, K, N = 12, 8, 6
+    x = torch.randint(-3, 4, (M, K), generator=gen).float()
+    w = torch.randint(-3, 4, (N, K), generator=gen).float()
+    pre = x @ w.t()
+    b = -pre[0].clone()  # row 0 of the pre-activation becomes exactly 0
+    b[::2] += 1.0
+    x, w, b = (t.to(impl).requires_grad_() for t in (x, w, b))
+    grad_out = torch.randn(M, N, generator=gen).to(impl)
+    y = F.linear_relu(x, w, b)
+    y.backward(grad_out)
+    ry, rdx, rdw, rdb = reference(x, w, b, "relu", grad_out)
+    zero = (x.detach().double().cpu() @ w.detach().double().cpu().t() + b.detach().double().cpu()) == 0
+    assert zero.sum() >= N // 2
+    assert torch.equal(y.detach().cpu().double(), ry)
+    assert_close(x.grad, rdx, torch.float32, "dX")
+    assert_close(w.grad, rdw, torch.float32, "dW")
+    assert_close(b.grad, rdb, torch.float32, "db")
+
+
+def _nonfinite_equal(actual, expected):
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert torch.equal(torch.isnan(a), torch.isnan(e)), "NaN positions differ from torch"
+    assert torch.equal(torch.isinf(a), torch.isinf(e)), "inf positions differ from torch"
+    finite = torch.isfinite(e)
+    assert torch.equal(torch.sign(a[torch.isinf(a)]), torch.sign(e[torch.isinf(e)]))
+    if finite.any():
+        err = (a[finite] - e[finite]).norm() / e[finite].norm().clamp_min(1e-30)
+        assert err < 1e-5, err
+
+
+def test_nan_and_inf_propagate_like_torch(impl):
+    x, w, b = _inputs((10,), 9, 6, torch.float32, impl)
+    x[2, 3] = float("nan")
+    x[5, 1] = float("inf")
+    x[7, 4] = float("-inf")
+    grad_out = torch.randn(10, 6, device=impl)
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    y = F.linear_relu(x, w, b)
+    y.backward(grad_out)
+    ry, rdx, rdw, rdb = reference(x, w, b, "relu", grad_out)
+    assert torch.isnan(y[2]).all()  # relu(NaN) is NaN, as in torch
+    for got, ref in ((y, ry), (x.grad, rdx), (w.grad, rdw), (b.grad, rdb)):
+        _nonfinite_equal(got, ref)
+
+
+def test_gradcheck_float64(impl):
+    """float64 runs the same kernels under the interpreter (torch on GPUs): gradcheck them."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 4, generator=gen, dtype=torch.float64).to(impl).requires_grad_()
+    w = torch.randn(3, 4, generator=gen, dtype=torch.float64).to(impl).requires_grad_()
+    b = torch.randn(3, generator=gen, dtype=torch.float64).to(impl).requires_grad_()
+    assert torch.autograd.gradcheck(F.linear_relu, (x, w, b))
+    assert torch.autograd.gradcheck(F.linear, (x, w, b))
+    assert torch.autograd.gradcheck(lambda a, c: F.linear_relu(a, c), (x, w))
+
+
+def test_float64_kernels_match(impl):
+    x, w, b = _inputs((17,), 23, 13, torch.float64, impl)
+    _check_all(x, w, b, "relu", torch.float64, "float64")
+
+
+def test_autograd_function_apply_directly(impl):
+    x, w, b = _inputs((4, 3), 10, 6, torch.float32, impl)
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    y = fastmlp.FusedLinearFunction.apply(x, w, b, "relu")
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    ry, rdx, rdw, rdb = reference(x, w, b, "relu", grad_out)
+    assert_close(y, ry, torch.float32, "apply forward")
+    assert_close(x.grad, rdx, torch.float32, "apply dX")
+    assert_close(w.grad, rdw, torch.float32, "apply dW")
+    assert_close(b.grad, rdb, torch.float32, "apply db")
+
+
+def test_one_dimensional_input(impl):
+    x, w, b = _inputs((), 11, 5, torch.float32, impl)
+    _check_all(x, w, b, "relu", torch.float32, "1-D input")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_keeps_the_autocast_dtype(impl, dtype):
+    if impl == "cpu" and dtype == torch.float16 and torch.__version__ < "2.5":
+        pytest.skip("CPU autocast float16 needs torch >= 2.5")
+    x, w, b = _inputs((16,), 24, 8, torch.float32, impl)
+    lin = torch.nn.Linear(24, 8, device=impl)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    with torch.autocast(impl, dtype=dtype):
+        y = F.linear_relu(x, w, b)
+        expected = torch.relu(lin(x))
+    assert y.dtype == expected.dtype == dtype
+    assert rel_err(y, expected.float()) < TOLERANCE[dtype]
