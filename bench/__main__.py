@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="results folder (default bench/results/<device>-<date>)")
     p.add_argument("--date", default=None, help="date in the folder name (default today)")
     p.add_argument("--no-plots", action="store_true", help="write no PNGs")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (torch.set_num_threads); 1 keeps a shared CPU's timings "
+                        "from stalling on descheduled worker threads")
     p.add_argument("--quiet", action="store_true", help="no per-variant progress lines")
     return p.parse_args(argv)
 
@@ -72,14 +75,20 @@ def options_from(args: argparse.Namespace) -> RunOptions:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     opts = options_from(args)
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     t0 = time.perf_counter()
-    results = run_suite(opts, log=log)
     date = args.date or environment.today()
-    results["date"] = date
-    slug = environment.device_slug(results["device"])
+    slug = environment.device_slug(environment.device_info(torch.device(opts.device)))
     out_dir = args.out or os.path.join(RESULTS_ROOT, f"{slug}-{date}")
+
+    def save_partial(partial: dict) -> None:  # a killed run still leaves what it measured
+        report.write_results({**partial, "date": date}, out_dir, date)
+
+    results = run_suite(opts, log=log, on_progress=save_partial)
+    results["date"] = date
     written = report.write_results(results, out_dir, date)  # JSON first: plots may fail
     if args.no_plots:
         pngs, why = [], "--no-plots"

@@ -37,6 +37,14 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> Optional[list]:
+    """1, 5 and 15-minute load averages: a busy shared machine shows here, next to its timings."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def device_slug(info: dict) -> str:
     """Short folder-safe device name: "cpu", "h100-80gb-hbm3", …"""
     if info["type"] == "cpu":

@@ -109,12 +109,26 @@ def peak_line(results: dict) -> str:
     return "Measured matmul peak (denominator of % peak): " + "; ".join(parts)
 
 
+def _machine_line(results: dict) -> str:
+    dev, load = results["device"], results.get("load_average") or {}
+    text = f"Device: {dev['name']}"
+    if dev["type"] == "cpu":
+        text += f", {dev['threads']} torch thread(s) of {dev['logical_cpus']} logical CPUs"
+    else:
+        text += f", {dev['sm_count']} SMs, {dev['memory_gib']} GiB, capability {dev['capability']}"
+    if load.get("start"):
+        text += f"; load average (1/5/15 min) {load['start']} at start, {load['end']} at end"
+    return text + "."
+
+
 def summary_markdown(results: dict, date: str) -> str:
     """The block for the README: device, command, versions, table, and how to read it."""
     dev, ver = results["device"], results["versions"]
     lines = [
         f"### {dev['name']} ({dev['type']}) — {date}",
         "",
+        *([] if results.get("complete", True) else
+          ["**Partial run: the report was written before the run finished.**", ""]),
         f"Command: `{results['command']}`",
         "",
         f"Versions: Python {ver['python']}, torch {ver['torch']}, triton {ver['triton']}, "
@@ -122,6 +136,8 @@ def summary_markdown(results: dict, date: str) -> str:
         f"{', dirty tree' if ver['git_dirty'] else ''}).",
         "",
         f"fastmlp path measured: {results['fastmlp_path']}.",
+        "",
+        _machine_line(results),
         "",
         peak_line(results) + ".",
         "",

@@ -228,10 +228,16 @@ def describe_fastmlp_path(device: torch.device) -> str:
             f"CUDA only; on CPU they would need the interpreter, which is for tests, not speed)")
 
 
-def run_suite(opts: RunOptions, log: Callable[[str], None] = print) -> dict:
-    """Run the selected cases on opts.device and return the complete results dict."""
+def run_suite(opts: RunOptions, log: Callable[[str], None] = print,
+              on_progress: Optional[Callable[[dict], None]] = None) -> dict:
+    """Run the selected cases on opts.device and return the complete results dict.
+
+    on_progress, if given, receives the results so far after each case (results["complete"] is
+    False until the end), so that a run killed from outside still leaves its measured cases.
+    """
     device = torch.device(opts.device)
     started_at, t_start = environment.now(), time.perf_counter()
+    load_at_start = environment.load_average()
     cases = select_cases(opts)
     dtypes = sorted({c.dtype for c in cases}, key=["fp32", "tf32", "fp16", "bf16"].index)
     log(f"fastmlp bench on {device.type}: {len(cases)} cases; measuring the matmul peak "
@@ -239,15 +245,13 @@ def run_suite(opts: RunOptions, log: Callable[[str], None] = print) -> dict:
     peak_opts = timers.TimingOptions.single_round() if opts.tiny else opts.timing
     peaks = measure_matmul_peak(device, dtypes, opts.peak_size, peak_opts)
     budget = _Budget(opts)
-    records = []
-    for i, case in enumerate(cases, 1):
-        log(f"[{i}/{len(cases)}] {case.id}")
-        records.append(add_ratios(run_case(case, device, opts, budget, log), peaks))
-    return {
+    results = {
         "schema_version": SCHEMA_VERSION,
         "suite": "fastmlp bench",
+        "complete": False,
         "started_at": started_at,
-        "duration_s": time.perf_counter() - t_start,
+        "duration_s": None,
+        "load_average": {"start": load_at_start, "end": None},
         "command": environment.command_line(),
         "device": environment.device_info(device),
         "versions": environment.versions(),
@@ -258,6 +262,17 @@ def run_suite(opts: RunOptions, log: Callable[[str], None] = print) -> dict:
                         ("functional", "FusedLinearReLU", "fuse", "TensorLoader", "SGD", "fit")},
         "peak": peaks,
         "datasheet": costs.H100_SXM_DATASHEET,
-        "compile_spent_s": budget.compile_spent,
-        "records": records,
+        "compile_spent_s": 0.0,
+        "records": [],
     }
+    for i, case in enumerate(cases, 1):
+        log(f"[{i}/{len(cases)}] {case.id}")
+        results["records"].append(add_ratios(run_case(case, device, opts, budget, log), peaks))
+        results["compile_spent_s"] = budget.compile_spent
+        results["duration_s"] = time.perf_counter() - t_start
+        if on_progress and i < len(cases):
+            on_progress(results)
+    results["load_average"]["end"] = environment.load_average()
+    results["duration_s"] = time.perf_counter() - t_start
+    results["complete"] = True
+    return results
