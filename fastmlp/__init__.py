@@ -14,6 +14,7 @@ _ensure_kernels_importable(__path__)
 
 from fastmlp import functional  # noqa: E402
 from fastmlp.backend import get_backend, set_backend, use_backend  # noqa: E402
+from fastmlp.data import TensorLoader  # noqa: E402
 from fastmlp.nn import FusedLinear, FusedLinearReLU, fuse  # noqa: E402
 from fastmlp.ops import FusedLinearFunction  # noqa: E402
 
@@ -28,4 +29,5 @@ __all__ = [
     "get_backend",
     "set_backend",
     "use_backend",
+    "TensorLoader",
 ]
