@@ -112,15 +112,44 @@ def shipped_cases():
                     yield kernel, arch, dtype, precision, config
 
 
-def main() -> None:
+def _compile_case(case):
+    return compile_config(*case)
+
+
+def compile_all(jobs: int = 1):
+    """Reports for every shipped case, compiled in `jobs` processes."""
+    cases = list(shipped_cases())
+    if jobs <= 1:
+        return [compile_config(*case) for case in cases]
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_compile_case, cases))
+
+
+def main(argv=None) -> None:
+    import argparse
+    import dataclasses
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    parser.add_argument("--json", help="also write every report to this JSON file")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
+    reports = compile_all(args.jobs)
     print(f"{'kernel':12} {'sm':>3} {'dtype':5} {'prec':4} {'rows':>4} {'cols':>4} {'red':>4} "
           f"{'warps':>5} {'stages':>6} {'regs':>4} {'spill':>5} {'smem':>7} {'HGMMA':>5}")
-    for case in shipped_cases():
-        r = compile_config(*case)
+    for r in reports:
         c = r.config
         print(f"{r.kernel:12} {r.arch:3} {r.dtype:5} {r.precision:4} {c.block_rows:4} {c.block_cols:4} "
               f"{c.block_red:4} {c.num_warps:5} {c.num_stages:6} {r.registers:4} {r.spill_bytes:5} "
-              f"{r.shared_bytes:7} {r.hgmma:5}", flush=True)
+              f"{r.shared_bytes:7} {r.hgmma:5}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in reports], f, indent=1)
 
 
 if __name__ == "__main__":

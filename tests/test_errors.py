@@ -1,0 +1,55 @@
+"""Bad input raises a ValueError/TypeError that names the problem, before any kernel runs."""
+
+import pytest
+import torch
+
+import fastmlp
+from fastmlp import functional as F
+
+
+@pytest.mark.parametrize("fn", [F.linear_relu, F.linear])
+@pytest.mark.parametrize("args,error,words", [
+    ((torch.randn(4, 5), torch.randn(3, 6), None), ValueError, ["last dimension is 5", "in_features=6"]),
+    ((torch.randn(4, 5), torch.randn(3, 5, 1), None), ValueError, ["weight must be 2-D", "(3, 5, 1)"]),
+    ((torch.randn(4, 5), torch.randn(3, 5), torch.randn(4)), ValueError, ["bias must have shape (3,)", "(4,)"]),
+    ((torch.randn(4, 5), torch.randn(3, 5), torch.randn(3, 1)), ValueError, ["bias must have shape"]),
+    ((torch.ones(4, 5, dtype=torch.int64), torch.randn(3, 5), None), TypeError, ["input has dtype torch.int64"]),
+    ((torch.randn(4, 5), torch.randn(3, 5).half(), None), TypeError, ["torch.float32", "torch.float16"]),
+    ((torch.randn(4, 5), torch.randn(3, 5), torch.randn(3).double()), TypeError, ["bias torch.float64"]),
+    ((torch.randn(4, 5), torch.randn(3, 5, device="meta"), None), ValueError, ["different devices", "meta"]),
+    ((torch.tensor(1.0), torch.randn(3, 5), None), ValueError, ["at least 1 dimension"]),
+    (([[1.0] * 5], torch.randn(3, 5), None), TypeError, ["input must be a torch.Tensor"]),
+])
+def test_bad_input_is_named(fn, args, error, words):
+    with pytest.raises(error) as info:
+        fn(*args)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+def test_bad_input_on_the_triton_path(triton_backend):
+    with pytest.raises(ValueError, match="in_features=6"):
+        F.linear_relu(torch.randn(4, 5), torch.randn(3, 6))
+
+
+def test_module_with_wrong_input_width():
+    layer = fastmlp.FusedLinearReLU(10, 3)
+    with pytest.raises(ValueError, match="in_features=10"):
+        layer(torch.randn(2, 9))
+
+
+def test_unknown_activation_and_backend():
+    with pytest.raises(ValueError, match="activation"):
+        fastmlp.FusedLinearFunction.apply(torch.randn(2, 3), torch.randn(4, 3), None, "gelu")
+    with pytest.raises(ValueError, match="unknown fastmlp backend 'cuda'"):
+        fastmlp.set_backend("cuda")
+
+
+def test_backend_switch_restores_previous():
+    assert fastmlp.get_backend() == "auto"
+    with fastmlp.use_backend("torch"):
+        assert fastmlp.get_backend() == "torch"
+        with fastmlp.use_backend("triton"):
+            assert fastmlp.get_backend() == "triton"
+        assert fastmlp.get_backend() == "torch"
+    assert fastmlp.get_backend() == "auto"

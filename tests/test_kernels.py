@@ -1,0 +1,151 @@
+"""The kernel launchers themselves: row split of dW, determinism, fp32 precision, poisoning, offsets."""
+
+import pytest
+import torch
+import triton.language as tl
+
+from fastmlp import functional as F
+from fastmlp.kernels import debug, linear_relu as kernels
+from reference import assert_close, reference
+
+pytestmark = pytest.mark.usefixtures("triton_backend")
+
+
+def _problem(M, K, N, device, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=gen).to(device, dtype)
+    w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(device, dtype)
+    b = torch.randn(N, generator=gen).to(device, dtype)
+    g = torch.randn(M, N, generator=gen).to(device, dtype)
+    return x, w, b, g
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 5])
+def test_grad_weight_row_split(device, split):
+    x, w, b, g = _problem(150, 40, 36, device)
+    y = kernels.linear_act_forward(x, w, b, "relu", False)
+    dw, db = kernels.linear_act_grad_weight(g, y, x, "relu", True, True, False, split=split)
+    _, _, rdw, rdb = reference(x, w, b, "relu", g)
+    assert_close(dw, rdw, torch.float32, f"dW split={split}")
+    assert_close(db, rdb, torch.float32, f"db split={split}")
+
+
+@pytest.mark.parametrize("compute_weight,compute_bias", [(True, False), (False, True)])
+def test_grad_weight_only_what_is_asked(device, compute_weight, compute_bias):
+    x, w, b, g = _problem(45, 19, 27, device)
+    y = kernels.linear_act_forward(x, w, b, "relu", False)
+    dw, db = kernels.linear_act_grad_weight(g, y, x, "relu", compute_weight, compute_bias, False, split=2)
+    _, _, rdw, rdb = reference(x, w, b, "relu", g)
+    assert (dw is None) != compute_weight and (db is None) != compute_bias
+    if compute_weight:
+        assert_close(dw, rdw, torch.float32, "dW")
+    if compute_bias:
+        assert_close(db, rdb, torch.float32, "db")
+
+
+@pytest.mark.parametrize("split", [None, 3])
+def test_grad_weight_is_deterministic(device, split):
+    x, w, b, g = _problem(300, 48, 40, device, dtype=torch.float16)
+    y = kernels.linear_act_forward(x, w, b, "relu", False)
+    first = kernels.linear_act_grad_weight(g, y, x, "relu", True, True, False, split=split)
+    for _ in range(2):
+        again = kernels.linear_act_grad_weight(g, y, x, "relu", True, True, False, split=split)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_split_choice_fills_the_gpu_and_keeps_chunks_long():
+    cpu = torch.device("cpu")
+    assert kernels.choose_split(64, 4, 32, cpu) == 1  # few rows: no split
+    assert kernels.choose_split(65536, 1, 32, cpu) == 8  # 2 x 4 "multiprocessors" on CPU
+    assert kernels.choose_split(65536, 100, 32, cpu) == 1  # enough tiles already
+
+
+class _KernelSpy:
+    """Stands in for a jit kernel: records launch arguments, optionally drops the last program."""
+
+    def __init__(self, kernel, drop_last_program=False):
+        self.kernel, self.drop, self.launches = kernel, drop_last_program, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            g = tuple(grid)
+            if self.drop:
+                g = (g[0] - 1,) + g[1:]
+            return self.kernel[g](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("precision,expected", [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")])
+def test_fp32_follows_torch_matmul_precision(device, monkeypatch, precision, expected):
+    spy = _KernelSpy(kernels.linear_act_fwd_kernel)
+    monkeypatch.setattr(kernels, "linear_act_fwd_kernel", spy)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        F.linear_relu(*_problem(8, 8, 8, device)[:3])
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert spy.launches[-1]["DOT_PRECISION"] == expected
+
+
+def test_poisoned_outputs_catch_an_unwritten_tile(device, monkeypatch):
+    """With one program dropped, the NaN poison shows up: the net the other tests rely on works."""
+    assert debug.POISON_OUTPUTS
+    monkeypatch.setattr(kernels, "linear_act_fwd_kernel",
+                        _KernelSpy(kernels.linear_act_fwd_kernel, drop_last_program=True))
+    x, w, b, _ = _problem(70, 20, 40, device)
+    y = kernels.linear_act_forward(x, w, b, "relu", False)
+    assert torch.isnan(y).any()
+
+
+def test_int64_tile_offsets_path(device, monkeypatch):
+    """The int64 tile-offset variant (used when a stride is huge) computes the same results."""
+    monkeypatch.setattr(kernels, "_offset_dtype", lambda *a, **k: tl.int64)
+    x, w, b, g = _problem(37, 29, 33, device)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    y = F.linear_relu(x, w, b)
+    y.backward(g)
+    ry, rdx, rdw, rdb = reference(x, w, b, "relu", g)
+    for got, ref, name in ((y, ry, "y"), (x.grad, rdx, "dX"), (w.grad, rdw, "dW"), (b.grad, rdb, "db")):
+        assert_close(got, ref, torch.float32, name)
+
+
+def test_offset_dtype_switches_for_huge_strides():
+    class Fake:
+        def __init__(self, *strides):
+            self._s = strides
+
+        def stride(self):
+            return self._s
+
+    assert kernels._offset_dtype(Fake(1024, 1)) == tl.int32
+    assert kernels._offset_dtype(Fake(2**23, 1)) == tl.int64
+    assert kernels._offset_dtype(Fake(1, 1), extra_strides=(2**23,)) == tl.int64
+
+
+@pytest.mark.gpu
+def test_int64_addressing_past_2_pow_31_elements():
+    """X with more than 2**31 elements: rows past the int32 range are computed correctly."""
+    M, K, N = 2**21 + 3, 1024, 16
+    x = torch.empty(M, K, device="cuda", dtype=torch.float16)
+    x[:-8].fill_(0.01)
+    x[-8:] = torch.randn(8, K, device="cuda", dtype=torch.float16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.float16) / 32
+    y = kernels.linear_act_forward(x, w, None, "relu", False)
+    ref = torch.relu(x[-8:].double() @ w.double().t())
+    assert_close(y[-8:], ref, torch.float16, "last rows")
+
+
+@pytest.mark.gpu
+def test_autotuned_configs_agree(monkeypatch):
+    """With autotuning on, whatever config wins gives a correct result (several bucketed shapes)."""
+    monkeypatch.setenv("FASTMLP_AUTOTUNE", "1")
+    for M, K, N in ((64, 1000, 100), (4096, 256, 256), (513, 777, 129)):
+        x, w, b, g = _problem(M, K, N, "cuda", dtype=torch.bfloat16)
+        x, w, b = (t.requires_grad_() for t in (x, w, b))
+        y = F.linear_relu(x, w, b)
+        y.backward(g)
+        ry, rdx, rdw, rdb = reference(x, w, b, "relu", g)
+        for got, ref, name in ((y, ry, "y"), (x.grad, rdx, "dX"), (w.grad, rdw, "dW"), (b.grad, rdb, "db")):
+            assert_close(got, ref, torch.bfloat16, f"{M}x{K}->{N} {name}")

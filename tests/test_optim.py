@@ -1,0 +1,262 @@
+"""fastmlp.SGD against torch.optim.SGD: trajectories, state_dicts, and the Triton multi-tensor kernel.
+
+The Triton kernel runs through the interpreter on CPU (fixture ``triton_backend``, which also
+NaN-poisons the momentum buffers the kernel must fill on a first step) and natively on CUDA.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import fastmlp
+
+# (momentum, dampening, weight_decay, nesterov, maximize): every combination torch accepts
+OPTION_SETS = [
+    (m, d, wd, nest, mx)
+    for m, d, wd, nest, mx in itertools.product([0.0, 0.9], [0.0, 0.3], [0.0, 0.05],
+                                                 [False, True], [False, True])
+    if not (nest and (m == 0 or d != 0)) and not (m == 0 and d != 0)
+]
+SHAPES = [(7, 5), (5,), (3000,), (2, 3, 4)]  # 3000 spans two kernel blocks (BLOCK=2048)
+
+
+def _params(shapes, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).to(device).requires_grad_()
+            for s in shapes]
+
+
+def _clone(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+def _set_grads(groups_of_params, step, skip=()):
+    """The same fresh random gradient for the parameter at the same index in every list."""
+    g = torch.Generator().manual_seed(1000 + step)
+    grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in groups_of_params[0]]
+    for params in groups_of_params:
+        for i, (p, gr) in enumerate(zip(params, grads)):
+            p.grad = None if i in skip else gr.to(p.dtype).to(p.device)
+
+
+def _rel_err(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _run_pair(opt_a, opt_b, pa, pb, steps, skip_at=None):
+    for step in range(steps):
+        skip = skip_at(step) if skip_at else ()
+        _set_grads([pa, pb], step, skip)
+        opt_a.step()
+        opt_b.step()
+
+
+def _assert_params_close(pa, pb, tol, what=""):
+    for i, (a, b) in enumerate(zip(pa, pb)):
+        err = _rel_err(a, b)
+        assert err < tol, f"{what} param {i} shape {tuple(a.shape)}: rel error {err:.3e} >= {tol}"
+
+
+@pytest.mark.parametrize("momentum,dampening,weight_decay,nesterov,maximize", OPTION_SETS)
+def test_trajectory_matches_torch(momentum, dampening, weight_decay, nesterov, maximize):
+    kw = dict(lr=0.05, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+              nesterov=nesterov, maximize=maximize)
+    ref = _params(SHAPES)
+    ours = _clone(ref)
+    opt_ref = torch.optim.SGD(ref, **kw)
+    opt_ours = fastmlp.SGD(ours, **kw)
+    _run_pair(opt_ours, opt_ref, ours, ref, 20)
+    _assert_params_close(ours, ref, 1e-6)
+    if momentum:
+        for a, b in zip(ours, ref):
+            assert _rel_err(opt_ours.state[a]["momentum_buffer"], opt_ref.state[b]["momentum_buffer"]) < 1e-6
+
+
+@pytest.mark.parametrize("momentum,dampening,weight_decay,nesterov,maximize", OPTION_SETS)
+def test_triton_kernel_trajectory_matches_torch(triton_backend, device, momentum, dampening,
+                                                weight_decay, nesterov, maximize):
+    kw = dict(lr=0.05, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+              nesterov=nesterov, maximize=maximize)
+    ref = _params(SHAPES, device=device)
+    ours = _clone(ref)
+    opt_ref = torch.optim.SGD(ref, **kw)
+    opt_ours = fastmlp.SGD(ours, **kw)
+    _run_pair(opt_ours, opt_ref, ours, ref, 20)
+    assert opt_ours._launcher is not None, "the Triton kernel did not run"
+    _assert_params_close(ours, ref, 1e-6)
+    if momentum:
+        for a, b in zip(ours, ref):
+            assert _rel_err(opt_ours.state[a]["momentum_buffer"], opt_ref.state[b]["momentum_buffer"]) < 1e-6
+
+
+def test_triton_missing_grads_and_late_buffers(triton_backend, device):
+    """Params without a grad are skipped; a buffer born at step 3 gets torch's first-step rule
+    while the others continue theirs, all in one launch."""
+    kw = dict(lr=0.1, momentum=0.8, dampening=0.25, weight_decay=0.01)
+    ref = _params(SHAPES, device=device, seed=3)
+    ours = _clone(ref)
+    opt_ref, opt_ours = torch.optim.SGD(ref, **kw), fastmlp.SGD(ours, **kw)
+    _run_pair(opt_ours, opt_ref, ours, ref, 8, skip_at=lambda s: (1,) if s < 3 else ())
+    _assert_params_close(ours, ref, 1e-6)
+    assert set(opt_ours.state) == set(ours)
+
+
+@pytest.mark.parametrize("dtype,ulps", [(torch.float16, 1), (torch.bfloat16, 1)])
+def test_triton_half_precision_against_float64(triton_backend, device, dtype, ulps):
+    """fp16/bf16: each step equals the float64 update of the stored values, rounded once."""
+    kw = dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.02, maximize=True)
+    ps = _params(SHAPES, dtype=dtype, device=device, seed=5)
+    opt = fastmlp.SGD(ps, **kw)
+    bufs64 = [None] * len(ps)
+    for step in range(4):
+        _set_grads([ps], step)
+        p64 = [p.detach().double() for p in ps]
+        g64 = [p.grad.double() for p in ps]
+        opt.step()
+        for i, (p, p_old, g) in enumerate(zip(ps, p64, g64)):
+            g = -g + kw["weight_decay"] * p_old
+            b = g if bufs64[i] is None else kw["momentum"] * bufs64[i] + (1 - kw["dampening"]) * g
+            b = b.to(dtype).double()  # the buffer as stored drives the update
+            bufs64[i] = b
+            want = p_old - kw["lr"] * b
+            got_b = opt.state[p]["momentum_buffer"]
+            assert not torch.isnan(got_b).any(), "momentum buffer has unwritten (poisoned) elements"
+            eps = torch.finfo(dtype).eps
+            tol = ulps * eps * want.abs().clamp_min(torch.finfo(dtype).tiny) + 1e-30
+            assert ((p.double() - want).abs() <= tol).all(), f"{dtype} step {step} param {i}"
+            assert torch.equal(got_b.double(), b), f"{dtype} step {step} buffer {i}"
+
+
+def test_triton_table_is_reused_and_rebuilt(triton_backend, device):
+    ps = _params(SHAPES, device=device)
+    opt = fastmlp.SGD(ps, lr=0.01, momentum=0.5)
+    _set_grads([ps], 0)
+    opt.step()          # first step: buffers born (first-step flags in the table)
+    opt.step()          # flags cleared: a new table
+    opt.step()          # same tensors: reused
+    plans = opt._launcher._plans
+    assert len(plans) == 2
+    _set_grads([ps], 1)  # new gradient tensors: a new table
+    opt.step()
+    assert len(plans) == 3
+
+
+def test_triton_lr_tensor_and_lr_changes(triton_backend, device):
+    ref = _params(SHAPES, device=device)
+    ours = _clone(ref)
+    lr = torch.tensor(0.05, device=device)
+    opt_ref = torch.optim.SGD(ref, lr=0.05, momentum=0.9)
+    opt_ours = fastmlp.SGD(ours, lr=lr, momentum=0.9)
+    sched_ref = torch.optim.lr_scheduler.StepLR(opt_ref, step_size=2, gamma=0.5)
+    ours2 = _clone(ref)
+    opt_ours2 = fastmlp.SGD(ours2, lr=0.05, momentum=0.9)  # float lr, changed by a scheduler
+    sched2 = torch.optim.lr_scheduler.StepLR(opt_ours2, step_size=2, gamma=0.5)
+    for step in range(6):
+        _set_grads([ref, ours, ours2], step)
+        opt_ref.step(); opt_ours.step(); opt_ours2.step()
+        sched_ref.step(); sched2.step()
+        lr.fill_(opt_ref.param_groups[0]["lr"])   # the tensor lr is written in place
+    _assert_params_close(ours, ref, 1e-6, "tensor lr")
+    _assert_params_close(ours2, ref, 1e-6, "scheduled float lr")
+
+
+@pytest.mark.parametrize("src,dst", [("fastmlp", "torch"), ("torch", "fastmlp")])
+def test_state_dict_interchange(src, dst):
+    classes = {"fastmlp": fastmlp.SGD, "torch": torch.optim.SGD}
+    kw = dict(lr=0.03, momentum=0.7, dampening=0.1, weight_decay=0.01)
+    ref = _params(SHAPES)
+    p_src = _clone(ref)
+    opt_ref = torch.optim.SGD(ref, **kw)
+    opt_src = classes[src](p_src, **kw)
+    _run_pair(opt_src, opt_ref, p_src, ref, 5)
+    sd = opt_src.state_dict()
+    assert set(sd["param_groups"][0]) == set(opt_ref.state_dict()["param_groups"][0])
+    assert all("momentum_buffer" in s for s in sd["state"].values())
+    p_dst = _clone(p_src)
+    opt_dst = classes[dst](p_dst, lr=1.0)   # other hyperparameters: load_state_dict sets them
+    opt_dst.load_state_dict(sd)
+    assert opt_dst.param_groups[0]["momentum"] == 0.7
+    for step in range(5, 10):
+        _set_grads([p_dst, ref], step)
+        opt_dst.step()
+        opt_ref.step()
+    _assert_params_close(p_dst, ref, 1e-6)
+
+
+def test_is_a_torch_sgd_and_validates_like_it():
+    p = _params([(3,)])
+    assert isinstance(fastmlp.SGD(p, lr=0.1), torch.optim.SGD)
+    with pytest.raises(ValueError):
+        fastmlp.SGD(p, lr=-1.0)
+    with pytest.raises(ValueError):
+        fastmlp.SGD(p, lr=0.1, nesterov=True)  # nesterov needs momentum
+    with pytest.raises(ValueError):
+        fastmlp.SGD(p, lr=0.1, momentum=-0.5)
+
+
+def test_explicit_torch_implementations_are_obeyed():
+    for kw in (dict(foreach=False), dict(fused=True)):
+        ref = _params(SHAPES)
+        ours = _clone(ref)
+        opt_ref = torch.optim.SGD(ref, lr=0.1, momentum=0.9, **kw)
+        opt_ours = fastmlp.SGD(ours, lr=0.1, momentum=0.9, **kw)
+        _run_pair(opt_ours, opt_ref, ours, ref, 5)
+        _assert_params_close(ours, ref, 1e-7, str(kw))
+        assert opt_ours._launcher is None
+
+
+def test_closure_and_param_groups():
+    ref = _params(SHAPES)
+    ours = _clone(ref)
+    groups = lambda ps: [{"params": ps[:2], "lr": 0.1}, {"params": ps[2:], "momentum": 0.5}]
+    opt_ref = torch.optim.SGD(groups(ref), lr=0.01)
+    opt_ours = fastmlp.SGD(groups(ours), lr=0.01)
+
+    def closure_for(ps):
+        def closure():
+            loss = sum((p ** 2).sum() for p in ps)
+            for p in ps:
+                p.grad = None
+            loss.backward()
+            return loss
+        return closure
+
+    for _ in range(5):
+        la = opt_ours.step(closure_for(ours))
+        lb = opt_ref.step(closure_for(ref))
+        assert torch.allclose(la, lb)
+    _assert_params_close(ours, ref, 1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_step_with_lr_change():
+    """The Triton step captured in a CUDA graph; lr changed between replays through sync_lr."""
+    ref = _params(SHAPES, device="cuda")
+    ours = _clone(ref)
+    opt_ref = torch.optim.SGD(ref, lr=0.05, momentum=0.9)
+    opt = fastmlp.SGD(ours, lr=0.05, momentum=0.9)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    grads = [torch.randn(p.shape, device="cuda", generator=g) for p in ours]
+    for p, gr in zip(ours, grads):
+        p.grad = gr
+    for p, gr in zip(ref, grads):
+        p.grad = gr.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        opt.step()          # warm-up: compiles, builds the pointer table, makes the buffers
+    torch.cuda.current_stream().wait_stream(s)
+    opt_ref.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for step in range(6):
+        if step == 3:
+            opt.param_groups[0]["lr"] = opt_ref.param_groups[0]["lr"] = 0.01
+            opt.sync_lr()
+        graph.replay()
+        opt_ref.step()
+    torch.cuda.synchronize()
+    _assert_params_close(ours, ref, 1e-6)
