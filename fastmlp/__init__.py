@@ -17,6 +17,7 @@ from fastmlp.backend import get_backend, set_backend, use_backend  # noqa: E402
 from fastmlp.data import TensorLoader  # noqa: E402
 from fastmlp.nn import FusedLinear, FusedLinearReLU, fuse  # noqa: E402
 from fastmlp.ops import FusedLinearFunction  # noqa: E402
+from fastmlp.optim import SGD  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -30,4 +31,5 @@ __all__ = [
     "set_backend",
     "use_backend",
     "TensorLoader",
+    "SGD",
 ]
