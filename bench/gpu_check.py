@@ -168,6 +168,7 @@ def step_sanitizer(check: Check, timeout: float) -> None:
         return
     env = dict(check.env)
     env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"  # so memcheck sees each tensor's real bounds
+    env["FASTMLP_AUTOTUNE"] = "0"  # one config per kernel: no timing loops under memcheck's slowdown
     code = check.run("sanitizer", [tool, "--tool", "memcheck", "--error-exitcode", "97",
                                    sys.executable, "-m", "bench.sanitize_target"],
                      "sanitizer.log", timeout, env=env)

@@ -6,8 +6,10 @@
   stock-dataloader+compile-ro       the same loop with torch.compile(model, mode="reduce-overhead")
                                     (CUDA graphs on GPU; on CPU it is plain inductor)
   fastmlp                           fastmlp.fit + fastmlp.TensorLoader + fastmlp.SGD on the fused model
+  fastmlp-parts                     the stock loop written by hand around fastmlp's parts
+                                    (TensorLoader, fuse, fastmlp.SGD), no fit: what fit adds on top
 
-All three shuffle (a loop that never shuffles is not training); the data starts on the CPU, as in
+All of them shuffle (a loop that never shuffles is not training); the data starts on the CPU, as in
 the seed, where it came from numpy. Each timed call is one whole epoch; the first epoch (compile,
 autotune, graph capture) is a warm-up and is reported separately as first_call_s. fastmlp's loop
 parts arrive with the training-loop issue: until fastmlp has fit, TensorLoader and SGD, the
@@ -22,7 +24,7 @@ import fastmlp
 from bench.cases import Case
 from bench.variants import SEED_LR, Runnable, reference_model
 
-EPOCH_VARIANTS = ("fastmlp", "stock-dataloader", "stock-dataloader+compile-ro")
+EPOCH_VARIANTS = ("fastmlp", "stock-dataloader", "stock-dataloader+compile-ro", "fastmlp-parts")
 LOOP_API = ("fit", "TensorLoader", "SGD")
 
 
@@ -67,17 +69,34 @@ def build_epoch(case: Case, name: str, device: torch.device, data) -> Runnable:
         return Runnable(epoch, notes="fastmlp.fit(cuda_graph='auto') + TensorLoader + fuse + fastmlp.SGD",
                         output=lambda: torch.tensor(last["loss"]))
 
-    if name.endswith("+compile-ro"):
-        torch._dynamo.reset()
-        model = torch.compile(model, mode="reduce-overhead")
-    elif name != "stock-dataloader":
-        raise ValueError(f"unknown epoch variant {name!r}")
-    loader = DataLoader(TensorDataset(x, y), batch_size=case.batch, shuffle=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=SEED_LR)
+    if name == "fastmlp-parts":
+        missing = [n for n in ("TensorLoader", "SGD") if not hasattr(fastmlp, n)]
+        if missing:
+            raise Unavailable(f"fastmlp has no {', '.join(missing)} yet (training-loop issue)")
+        model = fastmlp.fuse(model)
+        loader = fastmlp.TensorLoader(x, y, batch_size=case.batch, shuffle=True, device=device)
+        optimizer = fastmlp.SGD(model.parameters(), lr=SEED_LR)
+        notes = "hand-written loop: fastmlp.TensorLoader + fuse + fastmlp.SGD (no fit)"
+    else:
+        if name.endswith("+compile-ro"):
+            torch._dynamo.reset()
+            model = torch.compile(model, mode="reduce-overhead")
+        elif name != "stock-dataloader":
+            raise ValueError(f"unknown epoch variant {name!r}")
+        loader = DataLoader(TensorDataset(x, y), batch_size=case.batch, shuffle=True)
+        optimizer = torch.optim.SGD(model.parameters(), lr=SEED_LR)
+        notes = "DataLoader(TensorDataset, shuffle=True) + torch.optim.SGD"
+        if name.endswith("+compile-ro"):
+            notes += " + torch.compile(mode='reduce-overhead')"
+
+    compiled = name.endswith("+compile-ro")
+    mark_step = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None)
 
     def epoch():
         loss = None
         for inputs, labels in loader:
+            if compiled and mark_step is not None:
+                mark_step()  # reduce-overhead's documented per-iteration marker in a training loop
             inputs, labels = inputs.to(device), labels.to(device)
             loss = loss_fn(model(inputs), labels)
             optimizer.zero_grad()
@@ -85,9 +104,6 @@ def build_epoch(case: Case, name: str, device: torch.device, data) -> Runnable:
             optimizer.step()
         last["loss"] = float(loss.detach()) if loss is not None else float("nan")
 
-    notes = "DataLoader(TensorDataset, shuffle=True) + torch.optim.SGD"
-    if name.endswith("+compile-ro"):
-        notes += " + torch.compile(mode='reduce-overhead')"
     return Runnable(epoch, notes=notes, output=lambda: torch.tensor(last["loss"]))
 
 

@@ -23,11 +23,19 @@ def write_plots(results: dict, out_dir: str) -> Tuple[List[str], Optional[str]]:
     plt = _pyplot()
     if plt is None:
         return [], "matplotlib is not installed: plots skipped (pip install matplotlib to get them)"
-    paths = []
+    os.makedirs(out_dir, exist_ok=True)
+    paths, problems = [], []
     for draw in (_speedup_plot, _tflops_plot):
-        path = draw(plt, results, out_dir)
+        try:
+            path = draw(plt, results, out_dir)
+        except Exception as exc:  # a plot is a view of the JSON: never worth losing the report
+            problems.append(f"{draw.__name__}: {type(exc).__name__}: {exc}")
+            plt.close("all")
+            continue
         if path:
             paths.append(path)
+    if problems:
+        return paths, "; ".join(problems)
     return paths, None if paths else "no measured fastmlp figures to plot"
 
 
@@ -45,6 +53,11 @@ def _speedup_plot(plt, results: dict, out_dir: str) -> Optional[str]:
         ax.bar(xs, ys, width=width, label=f"vs {name}")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}×"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: f"{v:g}×"))
     ax.set_xticks(range(len(records)))
     ax.set_xticklabels([f"{r['workload']} {r['shape']}\n{r['dtype']} {r['pass']}" for r in records],
                        rotation=60, ha="right", fontsize=7)
@@ -59,10 +72,10 @@ def _speedup_plot(plt, results: dict, out_dir: str) -> Optional[str]:
 
 
 def _tflops_plot(plt, results: dict, out_dir: str) -> Optional[str]:
-    """TFLOP/s against FLOPs per call, one panel per (dtype, pass), one line per variant."""
+    """TFLOP/s of one Linear+ReLU layer against its FLOPs per call: a panel per (dtype, pass)."""
     panels = {}
     for r in results["records"]:
-        if r["kind"] == "epoch":
+        if r["kind"] != "layer":  # models and epochs are not points on a layer-size axis
             continue
         panels.setdefault((r["dtype"], r["pass"]), []).append(r)
     panels = {k: v for k, v in panels.items() if any(r["tflops"].get("fastmlp") for r in v)}
@@ -90,7 +103,7 @@ def _tflops_plot(plt, results: dict, out_dir: str) -> Optional[str]:
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(f"TFLOP/s vs size — {results['device']['name']}", fontsize=10)
+    fig.suptitle(f"Linear+ReLU layer: TFLOP/s vs size — {results['device']['name']}", fontsize=10)
     fig.tight_layout()
     path = os.path.join(out_dir, "tflops_vs_size.png")
     fig.savefig(path, dpi=120)

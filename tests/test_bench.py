@@ -142,6 +142,12 @@ def test_loop_workload_runs_or_says_why(tiny_report):
         assert fast["status"] == "unavailable" and "fit" in "".join(results["loop_api_missing"]) + fast["reason"]
     else:
         assert fast["status"] == "ok", fast
+    parts = epoch["variants"]["fastmlp-parts"]
+    import fastmlp
+    if hasattr(fastmlp, "TensorLoader") and hasattr(fastmlp, "SGD"):
+        assert parts["status"] == "ok", parts
+    else:
+        assert parts["status"] == "unavailable"
 
 
 def test_compile_baseline_and_its_budget():
