@@ -18,6 +18,8 @@ from fastmlp.data import TensorLoader  # noqa: E402
 from fastmlp.nn import FusedLinear, FusedLinearReLU, fuse  # noqa: E402
 from fastmlp.ops import FusedLinearFunction  # noqa: E402
 from fastmlp.optim import SGD  # noqa: E402
+from fastmlp.train import fit  # noqa: E402
+from fastmlp.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -32,4 +34,7 @@ __all__ = [
     "use_backend",
     "TensorLoader",
     "SGD",
+    "fit",
+    "save_checkpoint",
+    "load_checkpoint",
 ]

@@ -1,0 +1,333 @@
+"""fit(): the training loop, lean on CPU and captured in a CUDA graph on GPUs.
+
+What a stock loop spends its time on, besides the math, and what fit does instead:
+
+* Per-step host syncs (``loss.item()`` for logging): losses stay on the device, summed there, and
+  are read once per epoch.
+* Python and launch overhead of forward + loss + backward + optimizer (dozens of kernels, each a
+  few microseconds to launch, for an MLP step that computes for a few microseconds on a GPU): on
+  CUDA, with static shapes, the whole step is captured once in a CUDA graph and replayed, one
+  launch per step. The graph needs
+
+  - a warm-up on a side stream first (lazy init, cuBLAS workspaces, Triton compiles and
+    autotuning must not happen inside the capture): the first full batches are trained eagerly
+    there;
+  - static tensors: inputs are copied into fixed buffers; the gradients are kept between steps
+    (zeroed in place inside the graph instead of set to None), so autograd accumulates into the
+    same memory and the optimizer sees the same addresses (fastmlp.SGD's pointer table);
+  - hyperparameters fixed in it: before each replay fit compares the optimizer's param_groups with
+    the captured ones; a changed float lr of fastmlp.SGD is written into the device tensor its
+    kernel reads (:meth:`fastmlp.SGD.sync_lr`), any other change re-captures the graph.
+
+  The short last batch of an epoch has another shape and runs eagerly. The graph is cached per
+  (model, optimizer, loss, shapes), so calling fit(epochs=1) repeatedly reuses it.
+
+History: ``history["loss"]`` is the mean over the epoch's batches of the loss as ``loss_fn``
+returns it (under torch.distributed: over every rank's batches), ``history["samples_per_s"]`` the
+samples trained per second of wall time (all ranks together), ``history["time_s"]`` the epoch's
+wall time.
+"""
+
+import sys
+import time
+import weakref
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["fit"]
+
+_GRAPH_WARMUP_STEPS = 3
+_GRAPH_WARMUP_STEPS_DDP = 11  # torch's documented minimum before capturing a DDP step
+_graph_cache = weakref.WeakKeyDictionary()  # model -> _GraphStep
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def _dist_world():
+    """(world_size, rank) of the initialised default process group, or (1, 0)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _split_batch(batch, device):
+    """(inputs, target) from a loader's batch: [x, y] (or [x1, ..., xk, y]), moved to `device`."""
+    if isinstance(batch, torch.Tensor) or not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        raise TypeError("fit: every batch must be a list or tuple (inputs..., target), as "
+                        "TensorLoader(x, y) or DataLoader(TensorDataset(x, y)) yields")
+    tensors = [t if t.device == device else t.to(device, non_blocking=True) for t in batch]
+    return tensors[:-1], tensors[-1]
+
+
+def _set_epoch(loader, epoch: int) -> None:
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
+        loader.sampler.set_epoch(epoch)      # DataLoader with a DistributedSampler
+    elif hasattr(getattr(loader, "batch_sampler", None), "sampler") and \
+            hasattr(loader.batch_sampler.sampler, "set_epoch"):
+        loader.batch_sampler.sampler.set_epoch(epoch)
+
+
+def _hparams(optimizer) -> tuple:
+    """Everything in param_groups but the params; tensors by identity (their values may change)."""
+    return tuple(tuple((k, ("tensor", id(v)) if isinstance(v, torch.Tensor) else v)
+                       for k, v in group.items() if k != "params")
+                 for group in optimizer.param_groups)
+
+
+def _lr_only_change(before: tuple, after: tuple) -> bool:
+    if len(before) != len(after):
+        return False
+    for gb, ga in zip(before, after):
+        db, da = dict(gb), dict(ga)
+        if db.keys() != da.keys() or any(db[k] != da[k] for k in db if k != "lr"):
+            return False
+    return True
+
+
+def _graph_capable(model, optimizer, cuda_graph) -> bool:
+    """cuda_graph="auto": CUDA, an optimizer whose step is capturable, no DDP (see fit)."""
+    if cuda_graph is False:
+        return False
+    if _model_device(model).type != "cuda":
+        if cuda_graph is True:
+            raise ValueError("fit(cuda_graph=True) needs the model on a CUDA device")
+        return False
+    if cuda_graph is True:
+        return True
+    if _is_ddp(model):
+        return False
+    return isinstance(optimizer, torch.optim.SGD) or bool(optimizer.defaults.get("capturable"))
+
+
+def _call_callback(cb, epoch: int, logs: Dict) -> bool:
+    if hasattr(cb, "on_epoch_end"):
+        return bool(cb.on_epoch_end(epoch, logs))
+    return bool(cb(epoch, logs))
+
+
+# --------------------------------------------------------------------------------------------
+# The captured step
+# --------------------------------------------------------------------------------------------
+class _GraphStep:
+    """forward + loss + backward + optimizer.step captured once, replayed per batch."""
+
+    def __init__(self, model, loss_fn, optimizer, key):
+        self.model, self.loss_fn, self.optimizer, self.key = model, loss_fn, optimizer, key
+        self.warmup_left = _GRAPH_WARMUP_STEPS_DDP if _is_ddp(model) else _GRAPH_WARMUP_STEPS
+        self.graph = None
+        self.static_inputs = self.static_target = None
+        self.loss_sum = None      # device scalar: sum of the replayed steps' losses
+        self.captured_hparams = None
+        self.side_stream = torch.cuda.Stream()
+
+    def warmup_step(self, inputs, target, eager_step):
+        """An ordinary training step on the side stream (real data, really trained)."""
+        stream = self.side_stream
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            loss = eager_step(inputs, target, keep_grads=True)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.warmup_left -= 1
+        return loss
+
+    def capture(self, inputs, target):
+        model, loss_fn, optimizer = self.model, self.loss_fn, self.optimizer
+        self.static_inputs = [t.clone() for t in inputs]
+        self.static_target = target.clone()
+        if self.loss_sum is None:
+            self.loss_sum = torch.zeros((), dtype=torch.float32, device=target.device)
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            optimizer.zero_grad(set_to_none=False)   # in place: the grads keep their addresses
+            loss = loss_fn(model(*self.static_inputs), self.static_target)
+            loss.backward()
+            optimizer.step()
+            self.loss_sum.add_(loss.detach().float())
+        self.captured_hparams = _hparams(optimizer)
+
+    def check_hparams(self) -> None:
+        """Keep the captured graph only if it still does what the optimizer's param_groups say.
+
+        A changed float lr of fastmlp.SGD is written into the tensor its kernel reads; any other
+        change means the graph must be captured again (after one eager step: a change such as
+        turning momentum on allocates state, which must not happen inside a capture).
+        """
+        now = _hparams(self.optimizer)
+        if now == self.captured_hparams:
+            return
+        if hasattr(self.optimizer, "sync_lr") and _lr_only_change(self.captured_hparams, now):
+            self.optimizer.sync_lr()
+            self.captured_hparams = now
+            return
+        self.graph = None
+        self.warmup_left = max(self.warmup_left, 1)
+
+    def replay(self, inputs, target):
+        """Copy the batch into the static inputs and replay the captured step."""
+        for s, t in zip(self.static_inputs, inputs):
+            s.copy_(t, non_blocking=True)
+        self.static_target.copy_(target, non_blocking=True)
+        self.graph.replay()
+
+    def take_loss_sum(self) -> Optional[torch.Tensor]:
+        if self.loss_sum is None:
+            return None
+        out = self.loss_sum.clone()
+        self.loss_sum.zero_()
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# fit
+# --------------------------------------------------------------------------------------------
+def fit(model: nn.Module, loader: Iterable, loss_fn: Callable, optimizer: torch.optim.Optimizer,
+        epochs: int = 1, *, cuda_graph="auto", progress: bool = True,
+        callbacks: Iterable = (), start_epoch: int = 0) -> Dict[str, List[float]]:
+    """Train `model` for `epochs` passes over `loader`; return the per-epoch history.
+
+    Args:
+        model: any nn.Module (fused or not, DDP-wrapped or not); called as ``model(*inputs)``.
+        loader: yields [inputs..., target] batches (TensorLoader, DataLoader, ...); batches on
+            another device than the model are moved to it. ``set_epoch(epoch)`` is called on it
+            (or on its sampler) before each epoch.
+        loss_fn: ``loss_fn(output, target)`` -> scalar tensor (MSELoss, CrossEntropyLoss, ...).
+        optimizer: any torch optimizer; fastmlp.SGD runs its one-launch kernel on CUDA.
+        epochs: number of epochs.
+        cuda_graph: "auto" captures the step in a CUDA graph when the model is on CUDA, the
+            optimizer is an SGD (torch's or fastmlp's) or has ``capturable=True``, and the model
+            is not DDP-wrapped; True captures whenever the model is on CUDA (DDP included, with
+            NCCL, after torch's documented 11 warm-up steps); False never.
+        progress: a tqdm bar per epoch (rank 0 only, and only when stderr is a terminal).
+        callbacks: each called after every epoch as ``cb(epoch, logs)`` or
+            ``cb.on_epoch_end(epoch, logs)`` with logs {"epoch", "loss", "samples_per_s",
+            "time_s"}; a true return value stops training.
+        start_epoch: the first epoch's number (for set_epoch and the logs) when resuming.
+
+    Returns:
+        {"loss": [...], "samples_per_s": [...], "time_s": [...]}, one entry per epoch run.
+    """
+    if epochs < 0:
+        raise ValueError(f"fit: epochs must be >= 0, got {epochs}")
+    if cuda_graph not in ("auto", True, False):
+        raise ValueError(f"fit: cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+    callbacks = list(callbacks)
+    device = _model_device(model)
+    world_size, rank = _dist_world()
+    use_graph = _graph_capable(model, optimizer, cuda_graph)
+    history = {"loss": [], "samples_per_s": [], "time_s": []}
+
+    def eager_step(inputs, target, keep_grads=False):
+        # keep_grads: zero in place so that the gradients keep their memory (graph mode)
+        optimizer.zero_grad(set_to_none=not keep_grads)
+        loss = loss_fn(model(*inputs), target)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    graph_step = None
+    if use_graph:
+        graph_step = _graph_cache.get(model)
+        if graph_step is not None and (graph_step.optimizer is not optimizer
+                                       or graph_step.loss_fn is not loss_fn):
+            graph_step = None
+
+    show = bool(progress) and rank == 0 and sys.stderr.isatty()
+    model.train()
+    for epoch in range(start_epoch, start_epoch + epochs):
+        _set_epoch(loader, epoch)
+        bar = _progress_bar(loader, epoch, start_epoch + epochs) if show else None
+        eager_losses = []
+        n_samples = n_steps = 0
+        full_shape = None
+        t0 = time.perf_counter()
+        for batch in loader:
+            inputs, target = _split_batch(batch, device)
+            n = target.shape[0]
+            if use_graph:
+                shape_key = tuple((tuple(t.shape), t.dtype) for t in (*inputs, target))
+                if full_shape is None:
+                    full_shape = shape_key    # the first batch of an epoch sets the static shape
+                if shape_key == full_shape:
+                    if graph_step is None or graph_step.key != shape_key:
+                        graph_step = _GraphStep(model, loss_fn, optimizer, shape_key)
+                        _graph_cache[model] = graph_step
+                    if graph_step.graph is not None:
+                        graph_step.check_hparams()  # may drop the graph: re-warm, re-capture
+                    if graph_step.warmup_left > 0:
+                        eager_losses.append(graph_step.warmup_step(inputs, target, eager_step))
+                    else:
+                        if graph_step.graph is None:
+                            graph_step.capture(inputs, target)  # records, does not run
+                        graph_step.replay(inputs, target)
+                else:
+                    eager_losses.append(eager_step(inputs, target, keep_grads=True))
+            else:
+                eager_losses.append(eager_step(inputs, target))
+            n_samples += n
+            n_steps += 1
+            if bar is not None:
+                bar.update(n)
+
+        # The one read per epoch: sum of losses, steps and samples (over all ranks).
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        if eager_losses:
+            total += torch.stack([l.double() for l in eager_losses]).sum() \
+                if len(eager_losses) > 1 else eager_losses[0].double()
+        if graph_step is not None:
+            graph_sum = graph_step.take_loss_sum()
+            if graph_sum is not None:
+                total += graph_sum.double()
+        stats = torch.stack([total.reshape(()), torch.tensor(float(n_steps), device=device,
+                                                             dtype=torch.float64),
+                             torch.tensor(float(n_samples), device=device, dtype=torch.float64)])
+        if world_size > 1:
+            backend = torch.distributed.get_backend()
+            on = stats if backend != "gloo" else stats.cpu()
+            torch.distributed.all_reduce(on)
+            stats = on
+        loss_sum, steps, samples = stats.tolist()
+        elapsed = time.perf_counter() - t0
+        mean_loss = loss_sum / steps if steps else float("nan")
+        rate = samples / elapsed if elapsed > 0 else float("inf")
+        history["loss"].append(mean_loss)
+        history["samples_per_s"].append(rate)
+        history["time_s"].append(elapsed)
+        if bar is not None:
+            bar.set_postfix(loss=f"{mean_loss:.4g}", samples_per_s=f"{rate:,.0f}")
+            bar.close()
+        logs = {"epoch": epoch, "loss": mean_loss, "samples_per_s": rate, "time_s": elapsed}
+        stop = False
+        for cb in callbacks:
+            stop = _call_callback(cb, epoch, logs) or stop
+        if stop:
+            break
+    return history
+
+
+def _progress_bar(loader, epoch, total_epochs):
+    from tqdm.auto import tqdm  # imported only when a bar is shown
+
+    total = getattr(loader, "num_samples", None)            # TensorLoader: this rank's samples
+    if total is None:
+        try:
+            total = len(loader.dataset)                          # DataLoader
+        except (AttributeError, TypeError):
+            total = None
+    return tqdm(total=total, desc=f"epoch {epoch + 1}/{total_epochs}", unit=" samples",
+                unit_scale=True, leave=True, mininterval=0.25, dynamic_ncols=True)

@@ -1,0 +1,242 @@
+"""fastmlp.fit: same weights as the stock loop, learns, no per-step syncs, callbacks, checkpoints,
+and (on a GPU) the CUDA-graph step against the eager one."""
+
+import copy
+import io
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fastmlp
+
+
+def _seed_like(d_in=40, h=24, d_out=6, seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, h), nn.ReLU(), nn.Linear(h, d_out)).to(device)
+
+
+def _regression_data(n=200, d_in=40, d_out=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d_in, generator=g), torch.randn(n, d_out, generator=g)
+
+
+def _stock_loop(model, x, y, loss_fn, optimizer, epochs, batch_size):
+    """The seed's loop, with each batch's loss recorded."""
+    losses = []
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
+    for _ in range(epochs):
+        epoch_losses = []
+        for inputs, labels in loader:
+            loss = loss_fn(model(inputs), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            epoch_losses.append(loss.item())
+        losses.append(sum(epoch_losses) / len(epoch_losses))
+    return losses
+
+
+def _max_rel_err(model_a, model_b):
+    return max(((a - b).norm() / b.norm()).item()
+               for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_fit_matches_stock_loop(fused, reduction, momentum):
+    x, y = _regression_data()
+    stock = _seed_like()
+    ours = copy.deepcopy(stock)
+    if fused:
+        fastmlp.fuse(ours)
+    lr = 1e-3 if reduction == "sum" else 0.05
+    stock_losses = _stock_loop(stock, x, y, nn.MSELoss(reduction=reduction),
+                               torch.optim.SGD(stock.parameters(), lr=lr, momentum=momentum), 3, 16)
+    history = fastmlp.fit(ours, fastmlp.TensorLoader(x, y, batch_size=16),  # 200 = 12*16 + 8
+                          nn.MSELoss(reduction=reduction),
+                          fastmlp.SGD(ours.parameters(), lr=lr, momentum=momentum),
+                          epochs=3, progress=False)
+    assert _max_rel_err(ours, stock) < 1e-5
+    assert len(history["loss"]) == 3 and len(history["samples_per_s"]) == 3
+    for got, want in zip(history["loss"], stock_losses):
+        assert got == pytest.approx(want, rel=1e-5)
+    assert all(r > 0 for r in history["samples_per_s"])
+    assert stock_losses[-1] < stock_losses[0]
+
+
+def test_fit_with_dataloader_and_torch_sgd():
+    x, y = _regression_data()
+    stock = _seed_like()
+    ours = copy.deepcopy(stock)
+    _stock_loop(stock, x, y, nn.MSELoss(), torch.optim.SGD(stock.parameters(), lr=0.05), 2, 32)
+    fastmlp.fit(ours, DataLoader(TensorDataset(x, y), batch_size=32), nn.MSELoss(),
+                torch.optim.SGD(ours.parameters(), lr=0.05), epochs=2, progress=False)
+    assert _max_rel_err(ours, stock) < 1e-5
+
+
+def _blobs(n=600, d=10, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, d, generator=g) * 3
+    labels = torch.randint(0, classes, (n,), generator=g)
+    return centers[labels] + torch.randn(n, d, generator=g), labels
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_cross_entropy_classification_learns(fused):
+    x, labels = _blobs()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    if fused:
+        fastmlp.fuse(model)
+    loader = fastmlp.TensorLoader(x[:500], labels[:500], batch_size=32, shuffle=True)
+    history = fastmlp.fit(model, loader, nn.CrossEntropyLoss(),
+                          fastmlp.SGD(model.parameters(), lr=0.05, momentum=0.9), epochs=8,
+                          progress=False)
+    with torch.no_grad():
+        acc = (model(x[500:]).argmax(1) == labels[500:]).float().mean().item()
+    assert acc > 0.95, f"held-out accuracy {acc:.3f}"
+    assert history["loss"][-1] < 0.5 * history["loss"][0]
+
+
+def test_no_host_sync_per_step(monkeypatch):
+    """Reading a value back (item/tolist/float) happens per epoch, never per step."""
+    calls = {"n": 0}
+    for name in ("item", "tolist", "__float__", "__bool__", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, **k):
+            calls["n"] += 1
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    x, y = _regression_data(n=320)
+    model = fastmlp.fuse(_seed_like())
+    epochs, steps_per_epoch = 3, 20
+    loader = fastmlp.TensorLoader(x, y, batch_size=16, shuffle=True)
+    assert len(loader) == steps_per_epoch
+    fastmlp.fit(model, loader, nn.MSELoss(), fastmlp.SGD(model.parameters(), lr=0.01),
+                epochs=epochs, progress=False)
+    # per epoch: the loader's two seed draws (DataLoader parity, CPU) and the one stats read
+    assert calls["n"] <= 3 * epochs, f"{calls['n']} read-backs for {epochs * steps_per_epoch} steps"
+
+
+def test_callbacks_stop_early_and_see_logs():
+    x, y = _regression_data()
+    model = _seed_like()
+    seen = []
+
+    class Recorder:
+        def on_epoch_end(self, epoch, logs):
+            seen.append(dict(logs))
+
+    history = fastmlp.fit(model, fastmlp.TensorLoader(x, y, batch_size=50), nn.MSELoss(),
+                          fastmlp.SGD(model.parameters(), lr=0.01), epochs=10, progress=False,
+                          callbacks=[Recorder(), lambda epoch, logs: epoch == 2])
+    assert len(history["loss"]) == 3
+    assert [s["epoch"] for s in seen] == [0, 1, 2]
+    assert seen[-1]["loss"] == history["loss"][-1]
+    assert set(seen[0]) >= {"epoch", "loss", "samples_per_s", "time_s"}
+
+
+def test_set_epoch_is_called():
+    x, y = _regression_data(n=64)
+    loader = fastmlp.TensorLoader(x, y, batch_size=8, shuffle=True, rank=0, world_size=2)
+    model = _seed_like()
+    fastmlp.fit(model, loader, nn.MSELoss(), fastmlp.SGD(model.parameters(), lr=0.01), epochs=3,
+                start_epoch=4, progress=False)
+    assert loader.epoch == 6
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    x, y = _regression_data(n=64)
+    model = _seed_like()
+    opt = fastmlp.SGD(model.parameters(), lr=0.01)
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for tty, progress in ((False, True), (True, False), (True, True)):
+        stream = Terminal() if tty else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stream)
+        fastmlp.fit(model, fastmlp.TensorLoader(x, y, batch_size=8), nn.MSELoss(), opt,
+                    epochs=2, progress=progress)
+        out = stream.getvalue()
+        if tty and progress:
+            assert "epoch 2/2" in out and "loss=" in out and "samples_per_s=" in out
+        else:
+            assert out == ""
+
+
+def test_checkpoint_round_trip(tmp_path):
+    x, y = _regression_data()
+    loss_fn = nn.MSELoss()
+
+    def make():
+        model = fastmlp.fuse(_seed_like())
+        return model, fastmlp.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-3)
+
+    loader = fastmlp.TensorLoader(x, y, batch_size=32)
+    model_a, opt_a = make()
+    fastmlp.fit(model_a, loader, loss_fn, opt_a, epochs=2, progress=False)
+    fastmlp.save_checkpoint(tmp_path / "ckpt.pt", model_a, opt_a, epoch=2)
+    fastmlp.fit(model_a, loader, loss_fn, opt_a, epochs=2, start_epoch=2, progress=False)
+
+    model_b, opt_b = make()
+    torch.manual_seed(123)  # different init: everything must come from the checkpoint
+    for p in model_b.parameters():
+        p.data.normal_()
+    state = fastmlp.load_checkpoint(tmp_path / "ckpt.pt", model_b, opt_b)
+    assert state["epoch"] == 2
+    assert opt_b.state_dict()["state"].keys() == opt_a.state_dict()["state"].keys()
+    fastmlp.fit(model_b, loader, loss_fn, opt_b, epochs=2, start_epoch=2, progress=False)
+    for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()):
+        assert torch.equal(a, b)
+    # the checkpoint also loads into plain nn.Linear models and torch.optim.SGD
+    plain = _seed_like()
+    torch_opt = torch.optim.SGD(plain.parameters(), lr=1.0)
+    fastmlp.load_checkpoint(tmp_path / "ckpt.pt", plain, torch_opt)
+    assert torch_opt.param_groups[0]["momentum"] == 0.9
+
+
+def test_argument_errors():
+    x, y = _regression_data(n=16)
+    model = _seed_like()
+    opt = fastmlp.SGD(model.parameters(), lr=0.01)
+    loader = fastmlp.TensorLoader(x, y, batch_size=8)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        fastmlp.fit(model, loader, nn.MSELoss(), opt, cuda_graph="yes", progress=False)
+    with pytest.raises(ValueError, match="CUDA"):
+        fastmlp.fit(model, loader, nn.MSELoss(), opt, cuda_graph=True, progress=False)
+    with pytest.raises(TypeError, match="list or tuple"):
+        fastmlp.fit(model, [x[:8]], nn.MSELoss(), opt, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: the captured step against the eager one
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("opt_name", ["fastmlp", "torch"])
+def test_cuda_graph_fit_matches_eager(opt_name):
+    x, y = _regression_data(n=200)  # 200 = 12*16 + 8: a short last batch runs eagerly
+    make_opt = {"fastmlp": fastmlp.SGD, "torch": torch.optim.SGD}[opt_name]
+    eager = fastmlp.fuse(_seed_like(device="cuda"))
+    graphed = copy.deepcopy(eager)
+    opt_e = make_opt(eager.parameters(), lr=0.01, momentum=0.9)
+    opt_g = make_opt(graphed.parameters(), lr=0.01, momentum=0.9)
+    sched_e = torch.optim.lr_scheduler.StepLR(opt_e, step_size=1, gamma=0.5)
+    sched_g = torch.optim.lr_scheduler.StepLR(opt_g, step_size=1, gamma=0.5)
+    loader = fastmlp.TensorLoader(x, y, batch_size=16, device="cuda")
+    h_e = fastmlp.fit(eager, loader, nn.MSELoss(), opt_e, epochs=3, cuda_graph=False,
+                      progress=False, callbacks=[lambda e, logs: sched_e.step()])
+    h_g = fastmlp.fit(graphed, loader, nn.MSELoss(), opt_g, epochs=3, cuda_graph=True,
+                      progress=False, callbacks=[lambda e, logs: sched_g.step()])
+    from fastmlp.train import _graph_cache
+    assert _graph_cache[graphed].graph is not None
+    assert _max_rel_err(graphed, eager) < 1e-5
+    for a, b in zip(h_g["loss"], h_e["loss"]):
+        assert a == pytest.approx(b, rel=1e-5)
