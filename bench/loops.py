@@ -66,7 +66,9 @@ def build_epoch(case: Case, name: str, device: torch.device, data) -> Runnable:
             losses = history["loss"] if isinstance(history, dict) else []
             last["loss"] = float(losses[-1]) if len(losses) else float("nan")
 
-        return Runnable(epoch, notes="fastmlp.fit(cuda_graph='auto') + TensorLoader + fuse + fastmlp.SGD",
+        return Runnable(epoch, notes="fastmlp.fit(cuda_graph='auto') + TensorLoader + fuse + fastmlp.SGD; "
+                                     "final_loss is fit's history['loss'][-1] (its per-epoch figure), "
+                                     "the other loops report their last batch's loss",
                         output=lambda: torch.tensor(last["loss"]))
 
     if name == "fastmlp-parts":
