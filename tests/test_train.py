@@ -240,3 +240,73 @@ def test_cuda_graph_fit_matches_eager(opt_name):
     assert _max_rel_err(graphed, eager) < 1e-5
     for a, b in zip(h_g["loss"], h_e["loss"]):
         assert a == pytest.approx(b, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: the autograd-free step for plain MLPs against autograd
+# ---------------------------------------------------------------------------------------------
+def _mlp(bias=True, fused=False, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 20, bias=bias), nn.ReLU(), nn.Identity(),
+                          nn.Linear(20, 16, bias=bias), nn.ReLU(inplace=True),
+                          nn.Linear(16, 5, bias=bias))
+    return fastmlp.fuse(model) if fused else model
+
+
+@pytest.mark.parametrize("loss_fn", [nn.MSELoss(), nn.MSELoss(reduction="sum"),
+                                     nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="sum"),
+                                     nn.CrossEntropyLoss(ignore_index=2)],
+                         ids=["mse-mean", "mse-sum", "ce-mean", "ce-sum", "ce-ignore"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("fused", [False, True])
+def test_cpu_fast_path_matches_autograd(loss_fn, bias, fused, monkeypatch):
+    from fastmlp.train import _ManualMLPStep
+
+    backward_calls = []
+    original_backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward",
+                        lambda self, *a, **k: backward_calls.append(1) or original_backward(self, *a, **k))
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(100, 12, generator=g)
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        y = torch.randint(0, 5, (100,), generator=g)
+    else:
+        y = torch.randn(100, 5, generator=g)
+    models = [_mlp(bias, fused) for _ in range(2)]
+    assert _ManualMLPStep.build(models[0], loss_fn) is not None
+    histories, autograd_steps = [], []
+    for model, fast in zip(models, (True, False)):
+        opt = fastmlp.SGD(model.parameters(), lr=0.01, momentum=0.5)
+        histories.append(fastmlp.fit(model, fastmlp.TensorLoader(x, y, batch_size=32), loss_fn,
+                                     opt, epochs=2, progress=False, cpu_fast_path=fast)["loss"])
+        autograd_steps.append(len(backward_calls))
+    assert autograd_steps == [0, 8], "the fast path must skip autograd, the other must use it"
+    assert _max_rel_err(models[0], models[1]) < 1e-6
+    assert histories[0] == pytest.approx(histories[1], rel=1e-6)
+
+
+def test_cpu_fast_path_falls_back_when_it_must():
+    from fastmlp.train import _ManualMLPStep
+
+    mse = nn.MSELoss()
+    assert _ManualMLPStep.build(nn.Sequential(nn.Linear(3, 3), nn.Tanh()), mse) is None
+    assert _ManualMLPStep.build(nn.Sequential(nn.ReLU(), nn.Linear(3, 3)), mse) is None
+    assert _ManualMLPStep.build(_mlp(), nn.L1Loss()) is None
+    assert _ManualMLPStep.build(_mlp(), nn.CrossEntropyLoss(label_smoothing=0.1)) is None
+    frozen = _mlp()
+    frozen[0].weight.requires_grad_(False)
+    assert _ManualMLPStep.build(frozen, mse) is None
+    with fastmlp.use_backend("triton"):
+        assert _ManualMLPStep.build(_mlp(), mse) is None
+    # a forward hook must run: the model goes through autograd, and still trains the same
+    calls = []
+    hooked, plain = _mlp(), _mlp()
+    hooked[3].register_forward_hook(lambda m, i, o: calls.append(1))
+    assert _ManualMLPStep.build(hooked, mse) is None
+    x, y = torch.randn(64, 12), torch.randn(64, 5)
+    for model in (hooked, plain):
+        fastmlp.fit(model, fastmlp.TensorLoader(x, y, batch_size=16), mse,
+                    fastmlp.SGD(model.parameters(), lr=0.01), epochs=1, progress=False)
+    assert len(calls) == 4
+    assert _max_rel_err(hooked, plain) < 1e-6
