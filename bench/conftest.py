@@ -7,6 +7,7 @@ for the device at hand, filtered by the module's KINDS. Options:
   --bench-no-compile    skip torch.compile baselines
   --bench-max-autotune  add torch.compile(mode="max-autotune")
   --bench-rounds N      fixed rounds per benchmark (default: about 1 s of calls, 5 to 200)
+  --bench-threads N     torch.set_num_threads(N) (1 on a shared CPU)
 Without pytest-benchmark installed, the suite is skipped with a message, and --benchmark-only is
 accepted so that the command still runs; python -m bench needs no pytest-benchmark.
 """
@@ -28,9 +29,17 @@ def pytest_addoption(parser):
     group.addoption("--bench-no-compile", action="store_true", help="skip torch.compile baselines")
     group.addoption("--bench-max-autotune", action="store_true", help="add max-autotune baselines")
     group.addoption("--bench-rounds", type=int, default=None, help="fixed rounds per benchmark")
+    group.addoption("--bench-threads", type=int, default=None,
+                    help="torch CPU threads (1 keeps a shared CPU's timings from stalling)")
     if not HAS_PYTEST_BENCHMARK:
         parser.addoption("--benchmark-only", action="store_true",
                          help="(pytest-benchmark is not installed: accepted and ignored)")
+
+
+def pytest_configure(config):
+    threads = config.getoption("--bench-threads", default=None)
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def _options(config) -> RunOptions:

@@ -37,8 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
     p.add_argument("out", help="folder for every output (created)")
     p.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check (450)")
-    p.add_argument("--tests-timeout", type=float, default=180.0, help="cap for the test suite (180)")
-    p.add_argument("--sanitizer-timeout", type=float, default=100.0, help="cap for compute-sanitizer (100)")
+    p.add_argument("--tests-timeout", type=float, default=170.0, help="cap for the test suite (170)")
+    p.add_argument("--sanitizer-timeout", type=float, default=90.0, help="cap for compute-sanitizer (90)")
     p.add_argument("--bench-args", default="--compile-budget 60",
                    help="extra arguments for python -m bench (default: %(default)s)")
     p.add_argument("--skip-tests", action="store_true")
@@ -179,7 +179,7 @@ def step_sanitizer(check: Check, timeout: float) -> None:
 def step_bench(check: Check, extra_args: str, keep_dir: bool) -> None:
     results_root = os.path.join(check.out, "results")
     timeout = check.remaining() - 15  # room to pack the results
-    inner_budget = max(10.0, timeout - 60)  # the run stops starting variants here, then writes
+    inner_budget = max(10.0, timeout - 45)  # the run stops starting variants here, then writes
     cmd = [sys.executable, "-m", "bench", "--out", os.path.join(results_root, "report"),
            "--time-budget", f"{inner_budget:.0f}", *shlex.split(extra_args)]
     code = check.run("bench", cmd, "bench.log", timeout)

@@ -205,3 +205,11 @@ def test_gpu_check_writes_a_compact_folder(tmp_path):
     assert {"summary.log", "bench.log", "bench-results.tar.gz", "README-table.md"} <= set(files)
     assert len(files) <= 8 and all(os.path.isfile(tmp_path / f) for f in files)
     assert "GPU CHECK: PASS" in (tmp_path / "summary.log").read_text()
+
+
+def test_sanitize_target_checks_pass_on_this_device():
+    """The compute-sanitizer workload's own references agree with fastmlp (CUDA when present)."""
+    from bench import sanitize_target
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert sanitize_target.main(["--device", device]) == 0
