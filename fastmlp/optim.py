@@ -68,6 +68,11 @@ class SGD(torch.optim.SGD):
                 return lr
             lr = lr.item()
         entry = self._lr_cache.get((group_index, device))
+        if (entry is None or entry[0] != float(lr)) and device.type == "cuda" and \
+                torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "fastmlp.SGD: the learning rate changed (or was never used) right before a CUDA "
+                "graph capture; run one step outside the capture first, or call sync_lr()")
         if entry is None:
             t = torch.tensor([float(lr)], dtype=torch.float32, device=device)
             self._lr_cache[(group_index, device)] = (float(lr), t)

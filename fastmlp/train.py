@@ -254,7 +254,10 @@ class _GraphStep:
     """forward + loss + backward + optimizer.step captured once, replayed per batch."""
 
     def __init__(self, model, loss_fn, optimizer, key):
-        self.model, self.loss_fn, self.optimizer, self.key = model, loss_fn, optimizer, key
+        # The model only by weak reference: this object lives in a cache keyed (weakly) by the
+        # model, and a strong reference back would keep both alive forever.
+        self._model = weakref.ref(model)
+        self.loss_fn, self.optimizer, self.key = loss_fn, optimizer, key
         self.warmup_left = _GRAPH_WARMUP_STEPS_DDP if _is_ddp(model) else _GRAPH_WARMUP_STEPS
         self.graph = None
         self.static_inputs = self.static_target = None
@@ -273,7 +276,7 @@ class _GraphStep:
         return loss
 
     def capture(self, inputs, target):
-        model, loss_fn, optimizer = self.model, self.loss_fn, self.optimizer
+        model, loss_fn, optimizer = self._model(), self.loss_fn, self.optimizer
         self.static_inputs = [t.clone() for t in inputs]
         self.static_target = target.clone()
         if self.loss_sum is None:
@@ -377,6 +380,9 @@ def fit(model: nn.Module, loader: Iterable, loss_fn: Callable, optimizer: torch.
         optimizer.step()
         return loss.detach()
 
+    # On CUDA the gradients stay allocated between steps (zeroed in place): fastmlp.SGD's pointer
+    # table is then built once instead of every step. On CPU set_to_none is cheaper.
+    keep_grads = device.type == "cuda"
     graph_step = None
     if use_graph:
         graph_step = _graph_cache.get(model)
@@ -415,7 +421,7 @@ def fit(model: nn.Module, loader: Iterable, loss_fn: Callable, optimizer: torch.
                 else:
                     eager_losses.append(eager_step(inputs, target, keep_grads=True))
             else:
-                eager_losses.append(eager_step(inputs, target))
+                eager_losses.append(eager_step(inputs, target, keep_grads=keep_grads))
             n_samples += n
             n_steps += 1
             if bar is not None:

@@ -140,7 +140,12 @@ class MultiTensorSGD:
             for start in range(0, n, BLOCK):
                 blocks.extend((i, start))
         host = torch.tensor(rows + blocks, dtype=torch.int64)
-        table = host.to(device) if device.type != "cpu" else host
+        if device.type == "cuda":
+            # From pinned memory the copy is asynchronous; from pageable memory CUDA would first
+            # wait for the stream to drain (a host sync in the middle of the step).
+            table = host.pin_memory().to(device, non_blocking=True)
+        else:
+            table = host.to(device)
         plan = _Plan(table, len(params), len(blocks) // 2, aligned)
         self._plans[key] = plan
         while len(self._plans) > _MAX_CACHED_PLANS:
