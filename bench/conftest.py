@@ -12,14 +12,16 @@ Without pytest-benchmark installed, the suite is skipped with a message, and --b
 accepted so that the command still runs; python -m bench needs no pytest-benchmark.
 """
 
-import importlib.util
-
 import pytest
 import torch
 
 from bench.runner import RunOptions, select_cases, variants_for
 
-HAS_PYTEST_BENCHMARK = importlib.util.find_spec("pytest_benchmark") is not None
+try:
+    import pytest_benchmark  # noqa: F401
+    HAS_PYTEST_BENCHMARK = True
+except ImportError:
+    HAS_PYTEST_BENCHMARK = False
 
 
 def pytest_addoption(parser):
