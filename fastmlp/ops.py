@@ -87,46 +87,32 @@ def _torch_forward(x, weight, bias, activation):
 
 
 def _masked_grad(grad, y, activation):
-    # torch's relu backward: 0 where Y <= 0 (pre-activation exactly 0 included); the gradient
-    # passes where Y is NaN, since NaN <= 0 is false.
-    return torch.where(y <= 0, torch.zeros((), dtype=grad.dtype, device=grad.device), grad) \
-        if activation == "relu" else grad
+    """torch's own relu backward: 0 where Y <= 0 (pre-activation exactly 0 included); the
+    gradient passes where Y is NaN, since NaN <= 0 is false."""
+    return torch.ops.aten.threshold_backward(grad, y, 0) if activation == "relu" else grad
 
 
 # --------------------------------------------------------------------------------------------
-# torch.library ops
+# The three operations (plain functions), then their torch.library registration
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastmlp::linear_act", mutates_args=())
-def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-               activation: str) -> torch.Tensor:
+def _linear_act_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     activation: str) -> torch.Tensor:
     """Y = act(X Wᵀ + b) for 2-D X [M, K], W [N, K], b [N] or None."""
     if backend.uses_triton(x.device, x.dtype):
         return _kernels().linear_act_forward(x, weight, bias, activation, _allow_tf32())
     return _torch_forward(x, weight, bias, activation)
 
 
-@linear_act.register_fake
-def _(x, weight, bias, activation):
-    return x.new_empty((x.shape[0], weight.shape[0]))
-
-
-@torch.library.custom_op("fastmlp::linear_act_grad_input", mutates_args=())
-def linear_act_grad_input(grad: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
-                          activation: str) -> torch.Tensor:
+def _grad_input_impl(grad: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                     activation: str) -> torch.Tensor:
     """dX = (G ⊙ [Y > 0]) W (mask only for relu)."""
     if backend.uses_triton(grad.device, grad.dtype):
         return _kernels().linear_act_grad_input(grad, y, weight, activation, _allow_tf32())
     return _masked_grad(grad, y, activation) @ weight
 
 
-@linear_act_grad_input.register_fake
-def _(grad, y, weight, activation):
-    return grad.new_empty((grad.shape[0], weight.shape[1]))
-
-
-@torch.library.custom_op("fastmlp::linear_act_grad_weight", mutates_args=())
-def linear_act_grad_weight(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor, activation: str,
-                           compute_weight: bool, compute_bias: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def _grad_weight_impl(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor, activation: str,
+                      compute_weight: bool, compute_bias: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """dW = (G ⊙ [Y > 0])ᵀ X and db = column sums of the same masked G, in one pass.
 
     A gradient that is not asked for comes back as an empty tensor of shape (0,).
@@ -142,6 +128,23 @@ def linear_act_grad_weight(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
             db if db is not None else grad.new_empty((0,)))
 
 
+linear_act = torch.library.custom_op("fastmlp::linear_act", _linear_act_impl, mutates_args=())
+linear_act_grad_input = torch.library.custom_op("fastmlp::linear_act_grad_input", _grad_input_impl,
+                                                mutates_args=())
+linear_act_grad_weight = torch.library.custom_op("fastmlp::linear_act_grad_weight", _grad_weight_impl,
+                                                 mutates_args=())
+
+
+@linear_act.register_fake
+def _(x, weight, bias, activation):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@linear_act_grad_input.register_fake
+def _(grad, y, weight, activation):
+    return grad.new_empty((grad.shape[0], weight.shape[1]))
+
+
 @linear_act_grad_weight.register_fake
 def _(grad, y, x, activation, compute_weight, compute_bias):
     n, k = grad.shape[1], x.shape[1]
@@ -149,13 +152,26 @@ def _(grad, y, x, activation, compute_weight, compute_bias):
             grad.new_empty((n,) if compute_bias else (0,)))
 
 
+def _call(op, impl, *args):
+    """The plain function for plain tensors in eager mode, the registered op otherwise.
+
+    The op costs ~30 µs of Python dispatch per call, more than the kernel on the seed's
+    launch-bound shapes. Whenever something traces (torch.compile, or make_fx / AOT autograd,
+    whose tensors are FakeTensor or FunctionalTensor subclasses) the op must be used: it is an
+    opaque node with a fake kernel, and a Triton launch cannot run on fake tensors.
+    """
+    if torch.compiler.is_compiling() or type(args[0]) is not torch.Tensor:
+        return op(*args)
+    return impl(*args)
+
+
 def linear_act_backward(grad, x, weight, y, activation, needs_x, needs_w, needs_b):
     """The three gradients of Y = act(X Wᵀ + b), each computed only if needed (else None)."""
     dx = dw = db = None
     if needs_x:
-        dx = linear_act_grad_input(grad, y, weight, activation)
+        dx = _call(linear_act_grad_input, _grad_input_impl, grad, y, weight, activation)
     if needs_w or needs_b:
-        dw, db = linear_act_grad_weight(grad, y, x, activation, needs_w, needs_b)
+        dw, db = _call(linear_act_grad_weight, _grad_weight_impl, grad, y, x, activation, needs_w, needs_b)
         dw = dw if needs_w else None
         db = db if needs_b else None
     return dx, dw, db
@@ -195,22 +211,22 @@ class FusedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias=None, activation="relu"):
         check_linear_inputs(x, weight, bias, activation)
-        x2 = x.reshape(-1, x.shape[-1])
-        y2 = linear_act(x2, weight, bias, activation)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y2 = _call(linear_act, _linear_act_impl, x2, weight, bias, activation)
         ctx.activation = activation
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
         ctx.save_for_backward(x2, weight, y2 if activation == "relu" else None)
-        return y2.view(*x.shape[:-1], weight.shape[0])
+        return y2 if x.dim() == 2 else y2.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
         x2, weight, y2 = ctx.saved_tensors
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-        g2 = grad.reshape(-1, weight.shape[0])
+        g2 = grad if grad.dim() == 2 else grad.reshape(-1, weight.shape[0])
         dx, dw, db = linear_act_backward(g2, x2, weight, y2 if y2 is not None else g2,
                                          ctx.activation, needs_x, needs_w, needs_b and ctx.has_bias)
-        if dx is not None:
+        if dx is not None and len(ctx.x_shape) != 2:
             dx = dx.view(ctx.x_shape)
         return dx, dw, db, None
 
@@ -232,7 +248,17 @@ def _autocast_inputs(x, weight, bias):
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                  activation: str = "relu") -> torch.Tensor:
-    """act(x @ weight.T + bias) through FusedLinearFunction, with nn.Linear's autocast rules."""
+    """act(x @ weight.T + bias) with nn.Linear's autocast rules.
+
+    On the Triton backend (and whenever torch.compile traces) this is FusedLinearFunction. On the
+    torch backend in eager mode it is torch's own linear + in-place relu: the same math and the
+    same saved tensors (X, W, Y), with autograd's C++ nodes instead of a Python Function, which
+    on small CPU layers costs less than the arithmetic.
+    """
     if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):
         x, weight, bias = _autocast_inputs(x, weight, bias)
+        if not torch.compiler.is_compiling() and not backend.uses_triton(x.device, x.dtype):
+            check_linear_inputs(x, weight, bias, activation)
+            y = torch.nn.functional.linear(x, weight, bias)
+            return torch.relu_(y) if activation == "relu" else y
     return FusedLinearFunction.apply(x, weight, bias, activation)

@@ -47,6 +47,16 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton itself uses for `arch` (newer Tritons emit PTX only their newer ptxas reads)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError):
+        return _tool("ptxas")
+
+
 # Per kernel: which block-size constexprs take the config's (rows, cols, reduction), and which
 # stride arguments are 1 for contiguous operands.
 _KERNELS = {
@@ -86,7 +96,7 @@ def compile_config(kernel: str, arch: int, dtype: str, precision: str,
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
         gpu_name = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-        ptxas = subprocess.run([_tool("ptxas"), "-v", f"--gpu-name={gpu_name}", ptx, "-o",
+        ptxas = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={gpu_name}", ptx, "-o",
                                 os.path.join(tmp, "check.cubin")], capture_output=True, text=True,
                                check=True).stderr
         sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True,

@@ -203,8 +203,9 @@ def linear_act_grad_weight_kernel(
         tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=in_n[:, None] & in_k[None, :])
     if COMPUTE_DB:
         # Every column tile summed the same rows; the first one stores the bias gradient.
-        db_ptrs = db_ptr + split * stride_db_split + n0 + rn
-        tl.store(db_ptrs, acc_bias.to(db_ptr.dtype.element_ty), mask=in_n & (pid_k == 0))
+        if pid_k == 0:
+            db_ptrs = db_ptr + split * stride_db_split + n0 + rn
+            tl.store(db_ptrs, acc_bias.to(db_ptr.dtype.element_ty), mask=in_n)
 
 
 # ----------------------------------------------------------------------------------------------

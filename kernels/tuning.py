@@ -49,7 +49,7 @@ _INTERPRETER = [TileConfig(32, 32, 32, 4, 4, 1)]
 _TENSOR_CORE_SM90 = [
     TileConfig(128, 128, 64, 8, 8, 3),
     TileConfig(128, 256, 64, 8, 8, 3),
-    TileConfig(128, 64, 64, 8, 4, 4),
+    TileConfig(128, 64, 64, 8, 8, 4),
     TileConfig(64, 128, 64, 8, 4, 4),
     TileConfig(64, 64, 64, 8, 4, 4),
     TileConfig(64, 32, 64, 8, 4, 4),
@@ -75,7 +75,6 @@ _TF32 = [
 # Exact fp32 ("ieee") products run on FMA units: moderate tiles, fewer stages.
 _IEEE_FP32 = [
     TileConfig(64, 64, 32, 8, 4, 3),
-    TileConfig(128, 64, 32, 8, 8, 3),
     TileConfig(64, 128, 32, 8, 8, 3),
     TileConfig(32, 64, 32, 8, 4, 3),
     TileConfig(32, 32, 32, 8, 2, 3),

@@ -137,30 +137,39 @@ def test_only_needed_gradients_are_computed(impl, monkeypatch):
     from fastmlp import ops
 
     calls = []
-    for name in ("linear_act_grad_input", "linear_act_grad_weight"):
+    for name in ("_grad_input_impl", "_grad_weight_impl"):
         original = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _o=original, _n=name: calls.append(_n) or _o(*a))
     x, w, b = _inputs((8,), 6, 5, torch.float32, impl)
     w.requires_grad_(True)
-    F.linear_relu(x, w, None).sum().backward()
-    assert calls == ["linear_act_grad_weight"]
+    fastmlp.FusedLinearFunction.apply(x, w, None, "relu").sum().backward()
+    assert calls == ["_grad_weight_impl"]
     calls.clear()
     x.requires_grad_(True)
     w.requires_grad_(False)
-    F.linear_relu(x, w, b).sum().backward()
-    assert calls == ["linear_act_grad_input"]
+    fastmlp.FusedLinearFunction.apply(x, w, b, "relu").sum().backward()
+    assert calls == ["_grad_input_impl"]
 
 
-def test_saves_only_x_weight_and_y(impl):
+@pytest.mark.parametrize("entry", ["functional", "apply"])
+def test_saves_only_x_weight_and_y(impl, entry):
     x, w, b = _inputs((9,), 12, 7, torch.float32, impl)
     for t in (x, w, b):
         t.requires_grad_(True)
-    y = F.linear_relu(x, w, b)
+    if entry == "functional":
+        y = F.linear_relu(x, w, b)
+        if not isinstance(y.grad_fn, torch.autograd.function.BackwardCFunction):
+            # torch backend, eager: torch's own linear + relu nodes; they keep X, W and Y too.
+            assert torch.equal(y.grad_fn._saved_result, y)
+            return
+    else:
+        y = fastmlp.FusedLinearFunction.apply(x, w, b, "relu")
     saved = [t for t in y.grad_fn.saved_tensors if t is not None]
     assert len(saved) == 3
     shapes = sorted(tuple(t.shape) for t in saved)
     assert shapes == sorted([(9, 12), (7, 12), (9, 7)])
     assert any(t.data_ptr() == w.data_ptr() for t in saved)
+    assert any(t.data_ptr() == y.data_ptr() for t in saved)
 
 
 def test_empty_batch(impl):
