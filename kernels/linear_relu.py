@@ -21,6 +21,8 @@ when the output has too few tiles to fill the GPU (M >> N, K), the rows are spli
 chunks whose fp32 partial sums are then added in a fixed order (a torch sum over the split axis).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -226,6 +228,7 @@ def _precision(dtype: torch.dtype, allow_tf32: bool):
     return acc, precision, upcast
 
 
+@functools.lru_cache(maxsize=None)
 def _capability(device: torch.device):
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
 
@@ -312,6 +315,7 @@ def linear_act_grad_input(grad: torch.Tensor, y: torch.Tensor, weight: torch.Ten
     return dx
 
 
+@functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
