@@ -91,9 +91,12 @@ def test_triton_kernel_trajectory_matches_torch(triton_backend, device, momentum
             assert _rel_err(opt_ours.state[a]["momentum_buffer"], opt_ref.state[b]["momentum_buffer"]) < 1e-6
 
 
-def test_triton_missing_grads_and_late_buffers(triton_backend, device):
+@pytest.mark.parametrize("backend_name", ["triton", "auto"])
+def test_missing_grads_and_late_buffers(backend_name, device, request):
     """Params without a grad are skipped; a buffer born at step 3 gets torch's first-step rule
-    while the others continue theirs, all in one launch."""
+    while the others continue theirs (all in one launch on the Triton path)."""
+    if backend_name == "triton":
+        request.getfixturevalue("triton_backend")
     kw = dict(lr=0.1, momentum=0.8, dampening=0.25, weight_decay=0.01)
     ref = _params(SHAPES, device=device, seed=3)
     ours = _clone(ref)
@@ -184,6 +187,15 @@ def test_state_dict_interchange(src, dst):
         opt_dst.step()
         opt_ref.step()
     _assert_params_close(p_dst, ref, 1e-6)
+
+
+def test_tensor_lr_and_weight_decay_on_the_default_path():
+    ref = _params(SHAPES)
+    ours = _clone(ref)
+    kw = lambda: dict(lr=torch.tensor(0.1), momentum=0.9, weight_decay=torch.tensor(0.01))
+    opt_ref, opt_ours = torch.optim.SGD(ref, **kw()), fastmlp.SGD(ours, **kw())
+    _run_pair(opt_ours, opt_ref, ours, ref, 10)
+    _assert_params_close(ours, ref, 1e-6)
 
 
 def test_is_a_torch_sgd_and_validates_like_it():
