@@ -259,8 +259,10 @@ def test_cuda_graph_step_with_lr_change():
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        opt.step()          # warm-up: compiles, builds the pointer table, makes the buffers
+        opt.step()          # warm-up: compiles, makes the momentum buffers (first-step table)
+        opt.step()          # the steady-state table, which the capture reuses
     torch.cuda.current_stream().wait_stream(s)
+    opt_ref.step()
     opt_ref.step()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
