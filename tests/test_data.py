@@ -169,3 +169,16 @@ def test_partial_iteration_then_new_epoch_matches():
     assert torch.equal(torch.get_rng_state(), want_state)
     for a, b in zip(got, want):
         _assert_same_batches(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gather", ["auto", "batch", "epoch"])
+def test_cuda_loader_matches_dataloader(gather):
+    tensors = _data(45)
+    torch.manual_seed(8)
+    want = list(DataLoader(TensorDataset(*tensors), batch_size=8, shuffle=True))
+    torch.manual_seed(8)
+    tl = TensorLoader(*tensors, batch_size=8, shuffle=True, device="cuda", gather=gather)
+    got = [[t.cpu() for t in batch] for batch in tl]
+    assert all(t.is_cuda for t in next(iter(tl)))
+    _assert_same_batches(got, want)
