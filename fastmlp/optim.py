@@ -47,8 +47,16 @@ class SGD(torch.optim.SGD):
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                          foreach=foreach, differentiable=differentiable, fused=fused)
+        self._init_runtime()
+
+    def _init_runtime(self):
         self._launcher = None   # fastmlp.kernels.sgd.MultiTensorSGD, made on first Triton step
         self._lr_cache = {}     # (group index, device) -> (float lr, one-element fp32 tensor)
+
+    def __setstate__(self, state):
+        # pickle/deepcopy keep torch's state only (Optimizer.__getstate__); rebuild the caches
+        super().__setstate__(state)
+        self._init_runtime()
 
     # ---------------------------------------------------------------------------------------
     @staticmethod

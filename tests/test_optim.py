@@ -201,6 +201,10 @@ def test_tensor_lr_and_weight_decay_on_the_default_path():
 def test_is_a_torch_sgd_and_validates_like_it():
     p = _params([(3,)])
     assert isinstance(fastmlp.SGD(p, lr=0.1), torch.optim.SGD)
+    import copy
+    clone = copy.deepcopy(fastmlp.SGD(p, lr=0.1, momentum=0.5))  # caches rebuilt, still steps
+    clone.param_groups[0]["params"][0].grad = torch.ones(3)
+    clone.step()
     with pytest.raises(ValueError):
         fastmlp.SGD(p, lr=-1.0)
     with pytest.raises(ValueError):
