@@ -15,6 +15,7 @@ import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from typing import Optional
 
 import triton
 import triton.language as tl
@@ -35,7 +36,7 @@ class CompileReport:
     arch: int
     dtype: str
     precision: str
-    config: tuning.TileConfig
+    config: Optional[tuning.TileConfig]  # None for the SGD kernel
     registers: int
     spill_bytes: int
     stack_bytes: int
@@ -89,6 +90,12 @@ def compile_config(kernel: str, arch: int, dtype: str, precision: str,
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
                               target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    report = _read_reports(compiled, arch)
+    return CompileReport(kernel, arch, dtype, precision, config, *report)
+
+
+def _read_reports(compiled, arch: int):
+    """(registers, spill bytes, stack bytes, shared bytes, HGMMA count) from ptxas and cuobjdump."""
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(ptx, "w") as f:
@@ -104,8 +111,7 @@ def compile_config(kernel: str, arch: int, dtype: str, precision: str,
     registers = int(re.search(r"Used (\d+) registers", ptxas).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas))
     stack = int(re.search(r"(\d+) bytes stack frame", ptxas).group(1))
-    return CompileReport(kernel, arch, dtype, precision, config, registers, spills, stack,
-                         compiled.metadata.shared, len(re.findall(r"\bHGMMA\b", sass)))
+    return registers, spills, stack, compiled.metadata.shared, len(re.findall(r"\bHGMMA\b", sass))
 
 
 def shipped_cases():
@@ -122,20 +128,46 @@ def shipped_cases():
                     yield kernel, arch, dtype, precision, config
 
 
+def compile_sgd(arch: int, dtype: str, momentum: bool) -> CompileReport:
+    """Compile the multi-tensor SGD kernel (fastmlp.kernels.sgd) the way its launcher does."""
+    from fastmlp.kernels import sgd
+
+    fn = sgd._sgd_kernel
+    constexprs = dict(DTYPE=_TL_TYPES[dtype], HAS_WEIGHT_DECAY=True, HAS_MOMENTUM=momentum,
+                      NESTEROV=momentum, MAXIMIZE=False, ALIGNED=True, BLOCK=sgd.BLOCK)
+    types = dict(tensor_table="*i64", block_table="*i64", lr_ptr="*fp32", weight_decay="fp32",
+                 momentum="fp32", one_minus_dampening="fp32")
+    signature = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if types.get(name, "").startswith("*")}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
+    report = _read_reports(compiled, arch)
+    return CompileReport("sgd", arch, dtype, "momentum" if momentum else "plain", None, *report)
+
+
 def _compile_case(case):
     return compile_config(*case)
 
 
+def _compile_sgd_case(case):
+    return compile_sgd(*case)
+
+
+SGD_CASES = [(arch, dtype, momentum) for arch in (80, 90) for dtype in ("fp32", "bf16")
+             for momentum in (False, True)]
+
+
 def compile_all(jobs: int = 1):
-    """Reports for every shipped case, compiled in `jobs` processes."""
+    """Reports for every shipped linear-kernel case and the SGD kernel, in `jobs` processes."""
     cases = list(shipped_cases())
     if jobs <= 1:
-        return [compile_config(*case) for case in cases]
+        return [compile_config(*case) for case in cases] + [compile_sgd(*c) for c in SGD_CASES]
     import concurrent.futures
     import multiprocessing
 
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_compile_case, cases))
+        return list(pool.map(_compile_case, cases)) + list(pool.map(_compile_sgd_case, SGD_CASES))
 
 
 def main(argv=None) -> None:
@@ -153,7 +185,7 @@ def main(argv=None) -> None:
     print(f"{'kernel':12} {'sm':>3} {'dtype':5} {'prec':4} {'rows':>4} {'cols':>4} {'red':>4} "
           f"{'warps':>5} {'stages':>6} {'regs':>4} {'spill':>5} {'smem':>7} {'HGMMA':>5}")
     for r in reports:
-        c = r.config
+        c = r.config or tuning.TileConfig(0, 0, 0, 0, 4, 0)
         print(f"{r.kernel:12} {r.arch:3} {r.dtype:5} {r.precision:4} {c.block_rows:4} {c.block_cols:4} "
               f"{c.block_red:4} {c.num_warps:5} {c.num_stages:6} {r.registers:4} {r.spill_bytes:5} "
               f"{r.shared_bytes:7} {r.hgmma:5}")
