@@ -228,6 +228,11 @@ def _precision(dtype: torch.dtype, allow_tf32: bool):
     return acc, precision, upcast
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host (triton.cdiv is a constexpr function: slow to call here)."""
+    return -(-a // b)
+
+
 @functools.lru_cache(maxsize=None)
 def _capability(device: torch.device):
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
@@ -235,8 +240,9 @@ def _capability(device: torch.device):
 
 def _configs_and_key(name, tensor, precision, dims, flags):
     capability = _capability(tensor.device)
-    key = (name, tensor.device, capability, tensor.dtype, precision, flags) + tuple(
-        tuning.bucket(d) for d in dims)
+    bucket = tuning.bucket
+    key = (name, tensor.device, capability, tensor.dtype, precision, flags,
+           bucket(dims[0]), bucket(dims[1]), bucket(dims[2]))
     return tuning.candidate_configs(tensor.dtype, precision, capability), key
 
 
@@ -264,7 +270,7 @@ def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias, activation: 
     offset_dtype = _offset_dtype(x, weight, y)
 
     def launch(cfg: tuning.TileConfig):
-        grid = (triton.cdiv(M, cfg.block_rows) * triton.cdiv(N, cfg.block_cols),)
+        grid = (_cdiv(M, cfg.block_rows) * _cdiv(N, cfg.block_cols),)
         linear_act_fwd_kernel[grid](
             x, weight, b, y, M, N, K,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), b.stride(0),
@@ -300,7 +306,7 @@ def linear_act_grad_input(grad: torch.Tensor, y: torch.Tensor, weight: torch.Ten
     offset_dtype = _offset_dtype(grad, weight, dx)
 
     def launch(cfg: tuning.TileConfig):
-        grid = (triton.cdiv(M, cfg.block_rows) * triton.cdiv(K, cfg.block_cols),)
+        grid = (_cdiv(M, cfg.block_rows) * _cdiv(K, cfg.block_cols),)
         linear_act_grad_input_kernel[grid](
             grad, y, weight, dx, M, N, K,
             grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1),
@@ -325,7 +331,7 @@ def _multiprocessors(device: torch.device) -> int:
 def choose_split(M: int, tiles: int, block_rows: int, device: torch.device) -> int:
     """How many row chunks dW uses: enough programs for ~2 waves, each chunk >= 4 row tiles."""
     wanted = max(1, (2 * _multiprocessors(device)) // max(tiles, 1))
-    most = max(1, triton.cdiv(M, 4 * block_rows))
+    most = max(1, _cdiv(M, 4 * block_rows))
     return min(wanted, most)
 
 
@@ -349,11 +355,11 @@ def linear_act_grad_weight(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
     k_tiles_k = K if compute_weight else 1
 
     def run(cfg: tuning.TileConfig, chunks: int):
-        tiles = triton.cdiv(N, cfg.block_rows) * max(1, triton.cdiv(k_tiles_k, cfg.block_cols))
+        tiles = _cdiv(N, cfg.block_rows) * max(1, _cdiv(k_tiles_k, cfg.block_cols))
         if chunks is None:
             chunks = choose_split(M, tiles, cfg.block_red, device) if M > 0 else 1
-        rows_per_split = triton.cdiv(triton.cdiv(M, chunks), cfg.block_red) * cfg.block_red
-        chunks = max(1, triton.cdiv(M, rows_per_split)) if M > 0 else 1
+        rows_per_split = _cdiv(_cdiv(M, chunks), cfg.block_red) * cfg.block_red
+        chunks = max(1, _cdiv(M, rows_per_split)) if M > 0 else 1
         out_dtype = dtype if chunks == 1 else acc_torch_dtype(acc)
         dw = new_output((chunks, N, K) if compute_weight else (1, 1, 1), dtype=out_dtype, device=device)
         db = new_output((chunks, N) if compute_bias else (1, 1), dtype=out_dtype, device=device)

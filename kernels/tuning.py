@@ -32,9 +32,14 @@ class TileConfig:
     num_stages: int
 
 
+# Triton picks interpreted or compiled kernels when they are decorated, at import: read the
+# switch once, at the same moment, instead of on every launch.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreter_enabled() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRET
 
 
 def autotune_enabled() -> bool:
