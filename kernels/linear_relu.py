@@ -269,7 +269,15 @@ def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias, activation: 
     b = bias if bias is not None else weight  # never read when HAS_BIAS is False
     offset_dtype = _offset_dtype(x, weight, y)
 
-    def launch(cfg: tuning.TileConfig):
+    def launch(cfg):
+        if cfg is tuning.TORCH_GEMM:
+            if bias is not None:
+                torch.addmm(bias, x, weight.t(), out=y)
+            else:
+                torch.mm(x, weight.t(), out=y)
+            if relu:
+                y.relu_()
+            return
         grid = (_cdiv(M, cfg.block_rows) * _cdiv(N, cfg.block_cols),)
         linear_act_fwd_kernel[grid](
             x, weight, b, y, M, N, K,
@@ -283,6 +291,11 @@ def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias, activation: 
     configs, key = _configs_and_key("fwd", x, precision, (M, N, K), (bias is not None, relu))
     launch(tuning.pick_config(key, configs, x.device, launch))
     return y
+
+
+def _torch_masked(grad: torch.Tensor, y: torch.Tensor, relu: bool) -> torch.Tensor:
+    """G ⊙ [Y > 0] as torch computes it (threshold_backward), for the TORCH_GEMM candidate."""
+    return torch.ops.aten.threshold_backward(grad, y, 0) if relu else grad
 
 
 def _same_strides(grad: torch.Tensor, y: torch.Tensor):
@@ -305,7 +318,10 @@ def linear_act_grad_input(grad: torch.Tensor, y: torch.Tensor, weight: torch.Ten
     grad, y = _same_strides(grad, y) if relu else (grad, grad)
     offset_dtype = _offset_dtype(grad, weight, dx)
 
-    def launch(cfg: tuning.TileConfig):
+    def launch(cfg):
+        if cfg is tuning.TORCH_GEMM:
+            torch.mm(_torch_masked(grad, y, relu), weight, out=dx)
+            return
         grid = (_cdiv(M, cfg.block_rows) * _cdiv(K, cfg.block_cols),)
         linear_act_grad_input_kernel[grid](
             grad, y, weight, dx, M, N, K,
@@ -354,7 +370,10 @@ def linear_act_grad_weight(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
     # Only db: one column tile is enough, and X is never read.
     k_tiles_k = K if compute_weight else 1
 
-    def run(cfg: tuning.TileConfig, chunks: int):
+    def run(cfg, chunks: int):
+        if cfg is tuning.TORCH_GEMM:
+            g = _torch_masked(grad, y, relu)
+            return (g.t() @ x if compute_weight else None), (g.sum(0) if compute_bias else None)
         tiles = _cdiv(N, cfg.block_rows) * max(1, _cdiv(k_tiles_k, cfg.block_cols))
         if chunks is None:
             chunks = choose_split(M, tiles, cfg.block_red, device) if M > 0 else 1

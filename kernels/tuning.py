@@ -37,6 +37,13 @@ class TileConfig:
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# A candidate the autotuner may pick on CUDA besides the Triton configs: torch's own GEMM
+# (cuBLAS) plus one pointwise op, unfused. Fusion does not always win (cuBLAS's fp32 FMA GEMM,
+# for one, is hard to beat with tl.dot(input_precision="ieee")); timing both per shape bucket
+# means a fused layer is never slower than this plain path by more than the timing noise.
+TORCH_GEMM = "torch-gemm"
+
+
 def interpreter_enabled() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1 at import)."""
     return _INTERPRET
@@ -86,13 +93,16 @@ _IEEE_FP32 = [
 ]
 
 
-def candidate_configs(dtype: torch.dtype, dot_precision: str, capability: Tuple[int, int]) -> List[TileConfig]:
-    """The configs worth trying for one dtype class on one GPU generation (default first)."""
-    if interpreter_enabled():
+def candidate_configs(dtype: torch.dtype, dot_precision: str, capability: Tuple[int, int]) -> List:
+    """The configs worth trying for one dtype class on one GPU generation (default first),
+    then TORCH_GEMM on GPUs."""
+    if interpreter_enabled() or capability == (0, 0):
         return _INTERPRETER
     if dtype in (torch.float16, torch.bfloat16):
-        return _TENSOR_CORE_SM90 if capability[0] == 9 else _TENSOR_CORE_SM80
-    return _TF32 if dot_precision == "tf32" else _IEEE_FP32
+        triton_configs = _TENSOR_CORE_SM90 if capability[0] == 9 else _TENSOR_CORE_SM80
+    else:
+        triton_configs = _TF32 if dot_precision == "tf32" else _IEEE_FP32
+    return triton_configs + [TORCH_GEMM]
 
 
 def all_shipped_configs() -> Dict[str, List[TileConfig]]:
@@ -113,8 +123,7 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def pick_config(key: tuple, candidates: List[TileConfig], device: torch.device,
-                run: Callable[[TileConfig], None]) -> TileConfig:
+def pick_config(key: tuple, candidates: List, device: torch.device, run: Callable) -> object:
     """The fastest of `candidates` for `key`, timed once with `run(config)` and cached.
 
     With one candidate, with FASTMLP_AUTOTUNE=0, off CUDA, or during CUDA-graph capture (where

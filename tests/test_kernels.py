@@ -149,3 +149,38 @@ def test_autotuned_configs_agree(monkeypatch):
         ry, rdx, rdw, rdb = reference(x, w, b, "relu", g)
         for got, ref, name in ((y, ry, "y"), (x.grad, rdx, "dX"), (w.grad, rdw, "dW"), (b.grad, rdb, "db")):
             assert_close(got, ref, torch.bfloat16, f"{M}x{K}->{N} {name}")
+
+
+@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_torch_gemm_candidate_matches(device, monkeypatch, activation, bias):
+    """The unfused cuBLAS candidate the GPU autotuner may pick computes the same function."""
+    from fastmlp.kernels import tuning
+
+    picked = []
+    monkeypatch.setattr(tuning, "pick_config",
+                        lambda key, candidates, dev, run: picked.append(key[0]) or tuning.TORCH_GEMM)
+    x, w, b, g = _problem(41, 30, 22, device)
+    b = b if bias else None
+    leaves = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    fn = F.linear_relu if activation == "relu" else F.linear
+    y = fn(x, w, b)
+    y.backward(g)
+    ry, rdx, rdw, rdb = reference(x, w, b, activation, g)
+    assert sorted(set(picked)) == ["dw", "dx", "fwd"]
+    for got, ref, name in ((y, ry, "y"), (x.grad, rdx, "dX"), (w.grad, rdw, "dW")):
+        assert_close(got, ref, torch.float32, name)
+    if bias:
+        assert_close(b.grad, rdb, torch.float32, "db")
+    assert len(leaves) == 3 if bias else 2
+
+
+def test_gpu_candidates_end_with_the_torch_gemm(monkeypatch):
+    from fastmlp.kernels import tuning
+
+    monkeypatch.setattr(tuning, "_INTERPRET", False)  # the lists a compiled (GPU) run gets
+    for dtype, precision in ((torch.bfloat16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee")):
+        for capability in ((8, 0), (9, 0)):
+            configs = tuning.candidate_configs(dtype, precision, capability)
+            assert configs[-1] is tuning.TORCH_GEMM and configs[0] is not tuning.TORCH_GEMM
+            assert all(isinstance(c, tuning.TileConfig) for c in configs[:-1])
