@@ -184,3 +184,52 @@ def test_gpu_candidates_end_with_the_torch_gemm(monkeypatch):
             configs = tuning.candidate_configs(dtype, precision, capability)
             assert configs[-1] is tuning.TORCH_GEMM and configs[0] is not tuning.TORCH_GEMM
             assert all(isinstance(c, tuning.TileConfig) for c in configs[:-1])
+
+
+class _FakeCuda:
+    type = "cuda"
+
+
+def test_autotuner_times_every_candidate_skips_misfits_and_caches(monkeypatch):
+    """pick_config's choice logic (it runs only on GPUs), with timings faked."""
+    import triton.testing
+    from triton.runtime.errors import OutOfResources
+
+    from fastmlp.kernels import tuning
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: fn())
+    monkeypatch.setattr(tuning, "_capturing", lambda device: False)
+    monkeypatch.setattr(tuning, "_best", {})
+    monkeypatch.setenv("FASTMLP_AUTOTUNE", "1")
+    times = {"a": 3.0, "b": 1.0, "c": 2.0}
+    calls = []
+
+    def run(cfg):
+        calls.append(cfg)
+        if cfg == "too-big":
+            raise OutOfResources(300000, 232448, "shared memory")
+        return times[cfg]
+
+    candidates = ["a", "too-big", "b", "c"]
+    assert tuning.pick_config(("k",), candidates, _FakeCuda(), run) == "b"
+    assert calls == candidates
+    assert tuning.pick_config(("k",), candidates, _FakeCuda(), run) == "b"  # cached: no timing
+    assert len(calls) == 4
+
+    monkeypatch.setattr(tuning, "_capturing", lambda device: True)  # inside CUDA-graph capture
+    assert tuning.pick_config(("k2",), candidates, _FakeCuda(), run) == "a" and ("k2",) not in tuning._best
+    monkeypatch.setattr(tuning, "_capturing", lambda device: False)
+    monkeypatch.setenv("FASTMLP_AUTOTUNE", "0")
+    assert tuning.pick_config(("k3",), candidates, _FakeCuda(), run) == "a" and len(calls) == 4
+
+    monkeypatch.setenv("FASTMLP_AUTOTUNE", "1")
+    with pytest.raises(RuntimeError, match="no kernel config fits"):
+        tuning.pick_config(("k4",), ["too-big", "too-big"], _FakeCuda(), run)
+    with pytest.raises(ZeroDivisionError):  # any other failure is a bug: it propagates
+        tuning.pick_config(("k5",), ["a", "b"], _FakeCuda(), lambda cfg: 1 / 0)
+
+
+def test_shape_buckets():
+    from fastmlp.kernels import tuning
+
+    assert [tuning.bucket(n) for n in (0, 1, 2, 3, 64, 65, 1000, 1024)] == [0, 1, 2, 4, 64, 128, 1024, 1024]
