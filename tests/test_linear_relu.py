@@ -269,8 +269,6 @@ def test_one_dimensional_input(impl):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_autocast_keeps_the_autocast_dtype(impl, dtype):
-    if impl == "cpu" and dtype == torch.float16 and torch.__version__ < "2.5":
-        pytest.skip("CPU autocast float16 needs torch >= 2.5")
     x, w, b = _inputs((16,), 24, 8, torch.float32, impl)
     lin = torch.nn.Linear(24, 8, device=impl)
     with torch.no_grad():
