@@ -47,6 +47,13 @@ def _grouped_tile(pid, num_row_tiles, num_col_tiles, GROUP: tl.constexpr):
 
 
 @triton.jit
+def _in_bounds(lanes, start, size, BLOCK: tl.constexpr):
+    """Which of a tile's lanes (0..BLOCK-1, from `start`) fall inside `size`: compared in int32
+    although `start` is int64 (the count left is clamped to BLOCK first)."""
+    return lanes < tl.minimum(size - start, BLOCK).to(tl.int32)
+
+
+@triton.jit
 def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc += a @ b. UPCAST is set only under the interpreter, whose bf16 dot is wrong."""
     if UPCAST:
@@ -77,8 +84,8 @@ def linear_act_fwd_kernel(
     rm = tl.arange(0, BLOCK_M).to(OFFSET_DTYPE)
     rn = tl.arange(0, BLOCK_N).to(OFFSET_DTYPE)
     rk = tl.arange(0, BLOCK_K).to(OFFSET_DTYPE)
-    in_m = rm < tl.minimum(M - m0, BLOCK_M).to(tl.int32)
-    in_n = rn < tl.minimum(N - n0, BLOCK_N).to(tl.int32)
+    in_m = _in_bounds(rm, m0, M, BLOCK_M)
+    in_n = _in_bounds(rn, n0, N, BLOCK_N)
     x_tile = rm[:, None] * stride_xm + rk[None, :] * stride_xk
     w_tile = rk[:, None] * stride_wk + rn[None, :] * stride_wn  # Wᵀ tile [BLOCK_K, BLOCK_N]
     x_base = x_ptr + m0 * stride_xm
@@ -122,8 +129,8 @@ def linear_act_grad_input_kernel(
     rm = tl.arange(0, BLOCK_M).to(OFFSET_DTYPE)
     rk = tl.arange(0, BLOCK_K).to(OFFSET_DTYPE)
     rn = tl.arange(0, BLOCK_N).to(OFFSET_DTYPE)
-    in_m = rm < tl.minimum(M - m0, BLOCK_M).to(tl.int32)
-    in_k = rk < tl.minimum(K - k0, BLOCK_K).to(tl.int32)
+    in_m = _in_bounds(rm, m0, M, BLOCK_M)
+    in_k = _in_bounds(rk, k0, K, BLOCK_K)
     gy_tile = rm[:, None] * stride_gm + rn[None, :] * stride_gn
     w_tile = rn[:, None] * stride_wn + rk[None, :] * stride_wk
     g_base = g_ptr + m0 * stride_gm
@@ -172,8 +179,8 @@ def linear_act_grad_weight_kernel(
     rn = tl.arange(0, BLOCK_N).to(OFFSET_DTYPE)
     rk = tl.arange(0, BLOCK_K).to(OFFSET_DTYPE)
     rm = tl.arange(0, BLOCK_M).to(OFFSET_DTYPE)
-    in_n = rn < tl.minimum(N - n0, BLOCK_N).to(tl.int32)
-    in_k = rk < tl.minimum(K - k0, BLOCK_K).to(tl.int32)
+    in_n = _in_bounds(rn, n0, N, BLOCK_N)
+    in_k = _in_bounds(rk, k0, K, BLOCK_K)
     # G and Y are read transposed, as [BLOCK_N, BLOCK_M] tiles: the left operand of (G ⊙ mask)ᵀ X.
     gy_tile = rn[:, None] * stride_gn + rm[None, :] * stride_gm
     x_tile = rm[:, None] * stride_xm + rk[None, :] * stride_xk
