@@ -170,7 +170,11 @@ def linear_act_grad_weight_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
 ):
     """Program (tile, split) reduces rows [split * rows_per_split, ...) into its own output slice."""
-    pid_n, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP)
+    if COMPUTE_DW:
+        num_k_tiles = tl.cdiv(K, BLOCK_K)  # K >= 1 here: the launcher skips an empty dW
+    else:
+        num_k_tiles = 1  # db alone: one column tile per row chunk
+    pid_n, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_k_tiles, GROUP)
     split = tl.program_id(1).to(tl.int64)
     row_start = split * rows_per_split
     rows_here = tl.minimum(M - row_start, rows_per_split).to(tl.int32)
@@ -374,34 +378,37 @@ def linear_act_grad_weight(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
     relu = activation == "relu"
     grad, y = _same_strides(grad, y) if relu else (grad, grad)
     offset_dtype = _offset_dtype(grad, x, extra_strides=(K,))  # K: row stride of dW
-    # Only db: one column tile is enough, and X is never read.
-    k_tiles_k = K if compute_weight else 1
+    # An empty dW (K = 0) needs no kernel; without dW, one column tile per row chunk sums db and
+    # X is never read.
+    kernel_dw = compute_weight and K > 0
 
     def run(cfg, chunks: int):
         if cfg is tuning.TORCH_GEMM:
             g = _torch_masked(grad, y, relu)
             return (g.t() @ x if compute_weight else None), (g.sum(0) if compute_bias else None)
-        tiles = _cdiv(N, cfg.block_rows) * max(1, _cdiv(k_tiles_k, cfg.block_cols))
+        tiles = _cdiv(N, cfg.block_rows) * (_cdiv(K, cfg.block_cols) if kernel_dw else 1)
         if chunks is None:
             chunks = choose_split(M, tiles, cfg.block_red, device) if M > 0 else 1
         rows_per_split = _cdiv(_cdiv(M, chunks), cfg.block_red) * cfg.block_red
         chunks = max(1, _cdiv(M, rows_per_split)) if M > 0 else 1
         out_dtype = dtype if chunks == 1 else acc_torch_dtype(acc)
-        dw = new_output((chunks, N, K) if compute_weight else (1, 1, 1), dtype=out_dtype, device=device)
+        dw = new_output((chunks, N, K) if kernel_dw else (1, 1, 1), dtype=out_dtype, device=device)
         db = new_output((chunks, N) if compute_bias else (1, 1), dtype=out_dtype, device=device)
         linear_act_grad_weight_kernel[(tiles, chunks)](
             grad, y, x, dw, db, M, N, K, rows_per_split,
             grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),
             dw.stride(0), dw.stride(1), dw.stride(2), db.stride(0),
-            RELU=relu, COMPUTE_DW=compute_weight, COMPUTE_DB=compute_bias,
+            RELU=relu, COMPUTE_DW=kernel_dw, COMPUTE_DB=compute_bias,
             ACC_DTYPE=acc, DOT_PRECISION=precision, UPCAST=upcast, OFFSET_DTYPE=offset_dtype,
             BLOCK_N=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_M=cfg.block_red, GROUP=cfg.group,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if not kernel_dw:
+            dw = torch.zeros((1, N, K), dtype=dtype, device=device)  # unused, or empty (K = 0)
         if chunks > 1:  # fixed-order reduction of the fp32 partial sums
             return dw.sum(0).to(dtype), db.sum(0).to(dtype)
         return dw[0], db[0]
 
-    if N == 0 or (K == 0 and not compute_bias):
+    if N == 0 or not (kernel_dw or compute_bias):
         dw = torch.zeros((N, K), dtype=dtype, device=device)
         db = torch.zeros((N,), dtype=dtype, device=device)
     else:

@@ -4,6 +4,8 @@
 outputs poisoned with NaN before launch) and on the torch path; with a GPU, on CUDA too.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -279,3 +281,35 @@ def test_autocast_keeps_the_autocast_dtype(impl, dtype):
         expected = torch.relu(lin(x))
     assert y.dtype == expected.dtype == dtype
     assert rel_err(y, expected.float()) < TOLERANCE[dtype]
+
+
+def test_zero_in_features_and_zero_out_features(impl):
+    """in_features = 0 gives act(bias); out_features = 0 gives an empty output, as nn.Linear."""
+    x = torch.randn(6, 0, device=impl, requires_grad=True)
+    w = torch.randn(5, 0, device=impl, requires_grad=True)
+    b = torch.randn(5, device=impl, requires_grad=True)
+    grad_out = torch.randn(6, 5, device=impl)
+    with warnings.catch_warnings(record=True) as caught:  # the interpreter warns on x / 0
+        warnings.simplefilter("always")
+        y = F.linear_relu(x, w, b)
+        y.backward(grad_out)
+    assert not [w for w in caught if "divide by zero" in str(w.message)]
+    ry, rdx, rdw, rdb = reference(x, w, b, "relu", grad_out)
+    assert torch.equal(y.detach().double().cpu(), ry)
+    assert x.grad.shape == (6, 0) and w.grad.shape == (5, 0)
+    assert_close(b.grad, rdb, torch.float32, "db")
+    x2 = torch.randn(4, 3, device=impl, requires_grad=True)
+    w2 = torch.randn(0, 3, device=impl, requires_grad=True)
+    y2 = F.linear_relu(x2, w2, torch.randn(0, device=impl))
+    assert y2.shape == (4, 0)
+    y2.sum().backward()
+    assert torch.equal(x2.grad, torch.zeros_like(x2))
+
+
+def test_expanded_input_with_stride_zero(impl):
+    """A broadcast (stride-0) input is read as is, no copy needed."""
+    row = torch.randn(1, 21, device=impl)
+    x = row.expand(9, 21)
+    assert x.stride(0) == 0
+    _, w, b = _inputs((9,), 21, 8, torch.float32, impl)
+    _check_all(x.detach(), w, b, "relu", torch.float32, "expanded")
