@@ -29,6 +29,7 @@ import triton.language as tl
 
 from fastmlp.kernels import tuning
 from fastmlp.kernels.debug import new_output
+from fastmlp.kernels.launch import cdiv, on_first_tensors_device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,11 +240,6 @@ def _precision(dtype: torch.dtype, allow_tf32: bool):
     return acc, precision, upcast
 
 
-def _cdiv(a: int, b: int) -> int:
-    """Ceiling division on the host (triton.cdiv is a constexpr function: slow to call here)."""
-    return -(-a // b)
-
-
 @functools.lru_cache(maxsize=None)
 def _capability(device: torch.device):
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
@@ -267,6 +263,7 @@ def _offset_dtype(*tensors: torch.Tensor, extra_strides=()):
     return tl.int32 if max_stride * 512 < 2**31 else tl.int64
 
 
+@on_first_tensors_device
 def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias, activation: str,
                        allow_tf32: bool) -> torch.Tensor:
     """Y = act(X Wᵀ + b) for 2-D x [M, K]; a new contiguous Y [M, N]."""
@@ -289,7 +286,7 @@ def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias, activation: 
             if relu:
                 y.relu_()
             return
-        grid = (_cdiv(M, cfg.block_rows) * _cdiv(N, cfg.block_cols),)
+        grid = (cdiv(M, cfg.block_rows) * cdiv(N, cfg.block_cols),)
         linear_act_fwd_kernel[grid](
             x, weight, b, y, M, N, K,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), b.stride(0),
@@ -316,6 +313,7 @@ def _same_strides(grad: torch.Tensor, y: torch.Tensor):
     return grad, y
 
 
+@on_first_tensors_device
 def linear_act_grad_input(grad: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
                           activation: str, allow_tf32: bool) -> torch.Tensor:
     """dX = (G ⊙ [Y > 0]) W (no mask for activation "none"); a new contiguous dX [M, K]."""
@@ -333,7 +331,7 @@ def linear_act_grad_input(grad: torch.Tensor, y: torch.Tensor, weight: torch.Ten
         if cfg is tuning.TORCH_GEMM:
             torch.mm(_torch_masked(grad, y, relu), weight, out=dx)
             return
-        grid = (_cdiv(M, cfg.block_rows) * _cdiv(K, cfg.block_cols),)
+        grid = (cdiv(M, cfg.block_rows) * cdiv(K, cfg.block_cols),)
         linear_act_grad_input_kernel[grid](
             grad, y, weight, dx, M, N, K,
             grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1),
@@ -358,10 +356,11 @@ def _multiprocessors(device: torch.device) -> int:
 def choose_split(M: int, tiles: int, block_rows: int, device: torch.device) -> int:
     """How many row chunks dW uses: enough programs for ~2 waves, each chunk >= 4 row tiles."""
     wanted = max(1, (2 * _multiprocessors(device)) // max(tiles, 1))
-    most = max(1, _cdiv(M, 4 * block_rows))
+    most = max(1, cdiv(M, 4 * block_rows))
     return min(wanted, most)
 
 
+@on_first_tensors_device
 def linear_act_grad_weight(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor, activation: str,
                            compute_weight: bool, compute_bias: bool, allow_tf32: bool,
                            split: int = None):
@@ -386,11 +385,11 @@ def linear_act_grad_weight(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
         if cfg is tuning.TORCH_GEMM:
             g = _torch_masked(grad, y, relu)
             return (g.t() @ x if compute_weight else None), (g.sum(0) if compute_bias else None)
-        tiles = _cdiv(N, cfg.block_rows) * (_cdiv(K, cfg.block_cols) if kernel_dw else 1)
+        tiles = cdiv(N, cfg.block_rows) * (cdiv(K, cfg.block_cols) if kernel_dw else 1)
         if chunks is None:
             chunks = choose_split(M, tiles, cfg.block_red, device) if M > 0 else 1
-        rows_per_split = _cdiv(_cdiv(M, chunks), cfg.block_red) * cfg.block_red
-        chunks = max(1, _cdiv(M, rows_per_split)) if M > 0 else 1
+        rows_per_split = cdiv(cdiv(M, chunks), cfg.block_red) * cfg.block_red
+        chunks = max(1, cdiv(M, rows_per_split)) if M > 0 else 1
         out_dtype = dtype if chunks == 1 else acc_torch_dtype(acc)
         dw = new_output((chunks, N, K) if kernel_dw else (1, 1, 1), dtype=out_dtype, device=device)
         db = new_output((chunks, N) if compute_bias else (1, 1), dtype=out_dtype, device=device)

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from . import debug
+from .launch import device_guard
 
 BLOCK = 2048  # elements per program: 8 fp32 per thread with 4 warps, two 16-byte vectors each
 _TENSOR_COLS = 5  # param ptr, grad ptr, buffer ptr (0: none), numel, first-step flag
@@ -182,10 +183,11 @@ class MultiTensorSGD:
         plan = self._plan(key, params, grads, bufs, first, device)
         if lr.device != device:
             raise ValueError(f"fastmlp SGD kernel: lr tensor on {lr.device}, params on {device}")
-        _sgd_kernel[(plan.n_blocks,)](
-            plan.tensor_table, plan.block_table, lr,
-            float(weight_decay), float(momentum), float(1.0 - dampening),
-            DTYPE=_TL_DTYPES[dtype], HAS_WEIGHT_DECAY=weight_decay != 0,
-            HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
-            ALIGNED=plan.aligned, BLOCK=BLOCK, num_warps=4)
+        with device_guard(device):  # Triton launches on the current device
+            _sgd_kernel[(plan.n_blocks,)](
+                plan.tensor_table, plan.block_table, lr,
+                float(weight_decay), float(momentum), float(1.0 - dampening),
+                DTYPE=_TL_DTYPES[dtype], HAS_WEIGHT_DECAY=weight_decay != 0,
+                HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
+                ALIGNED=plan.aligned, BLOCK=BLOCK, num_warps=4)
         return bufs

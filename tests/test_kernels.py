@@ -233,3 +233,34 @@ def test_shape_buckets():
     from fastmlp.kernels import tuning
 
     assert [tuning.bucket(n) for n in (0, 1, 2, 3, 64, 65, 1000, 1024)] == [0, 1, 2, 4, 64, 128, 1024, 1024]
+
+
+def test_launchers_run_under_their_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: a launcher given cuda:1 tensors while cuda:0 is
+    current must switch to cuda:1 first (checked with the CUDA calls stubbed out)."""
+    from fastmlp.kernels import launch
+
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    class FakeTensor:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    wrapped = launch.on_first_tensors_device(lambda t, *a: "launched")
+    assert wrapped(FakeTensor("cuda:1")) == "launched" and entered == [torch.device("cuda:1")]
+    assert wrapped(FakeTensor("cuda:0")) == "launched" and len(entered) == 1  # already current
+    assert wrapped(FakeTensor("cpu")) == "launched" and len(entered) == 1
+    for name in ("linear_act_forward", "linear_act_grad_input", "linear_act_grad_weight"):
+        assert getattr(kernels, name).__wrapped__ is not None  # every launcher is guarded
