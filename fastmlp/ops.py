@@ -220,6 +220,7 @@ class FusedLinearFunction(torch.autograd.Function):
         return y2 if x.dim() == 2 else y2.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels have no second derivative
     def backward(ctx, grad):
         x2, weight, y2 = ctx.saved_tensors
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]

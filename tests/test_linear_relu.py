@@ -313,3 +313,13 @@ def test_expanded_input_with_stride_zero(impl):
     assert x.stride(0) == 0
     _, w, b = _inputs((9,), 21, 8, torch.float32, impl)
     _check_all(x.detach(), w, b, "relu", torch.float32, "expanded")
+
+
+def test_double_backward_is_refused_not_wrong():
+    """The fused backward has no derivative of its own: asking for one is an error, never zeros."""
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    y = fastmlp.FusedLinearFunction.apply(x, w, None, "relu")
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
