@@ -235,7 +235,8 @@ class FusedLinearFunction(torch.autograd.Function):
 def _autocast_inputs(x, weight, bias):
     """Cast like nn.Linear under autocast: fp16/bf16/fp32 tensors go to the autocast dtype."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    # (meta tensors, used for shape inference, have no autocast state to ask about)
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
 

@@ -139,3 +139,15 @@ def test_state_dict_of_fused_model_loads_into_stock_model():
     stock.load_state_dict(fused.state_dict())
     for p, q in zip(stock.parameters(), fused.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_meta_device_shape_inference(backend):
+    """Models built on the meta device (shape inference, deferred init) run forward and backward."""
+    with fastmlp.use_backend(backend):
+        model = fastmlp.fuse(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))).to("meta")
+        x = torch.randn(5, 3, 8, device="meta", requires_grad=True)
+        out = model(x)
+        assert out.shape == (5, 3, 2) and out.device.type == "meta"
+        out.sum().backward()
+        assert x.grad.shape == x.shape and model[0].weight.grad.shape == (6, 8)
