@@ -84,8 +84,13 @@ def _sgd_kernel(tensor_table, block_table, lr_ptr,
             b_ptr = tl.multiple_of(b_ptr, 16)
         first = tl.load(row + 4)
         # On a first step the buffer is fresh memory: never read it, it becomes a copy of g.
-        b_old = tl.load(b_ptr + offs, mask=mask & (first == 0), other=0.0).to(tl.float32)
-        b = tl.where(first != 0, g, b_old * momentum + one_minus_dampening * g)
+        # (A branch on the scalar, not a scalar folded into the load mask: newer interpreters
+        # reject a mask mixing a tensor with a loaded scalar.)
+        if first != 0:
+            b = g
+        else:
+            b_old = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            b = b_old * momentum + one_minus_dampening * g
         b = b.to(DTYPE)
         tl.store(b_ptr + offs, b, mask=mask)
         b = b.to(tl.float32)  # the update uses the buffer as stored, as torch does
