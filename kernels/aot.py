@@ -72,6 +72,11 @@ _KERNELS = {
 }
 
 
+# Integer arguments the forward and dX kernels mark do_not_specialize (the batch dimension
+# varies; there it is only an output edge). The dW kernel, whose reduction runs over M, keeps it.
+_UNSPECIALIZED = {"forward": ("M",), "grad_input": ("M",), "grad_weight": ()}
+
+
 def compile_config(kernel: str, arch: int, dtype: str, precision: str,
                    config: tuning.TileConfig) -> CompileReport:
     """Compile one kernel with one config for sm_<arch> and read the compiler's reports."""
@@ -86,7 +91,8 @@ def compile_config(kernel: str, arch: int, dtype: str, precision: str,
             signature[name] = "constexpr"
             continue
         signature[name] = f"*{dtype}" if name.endswith("_ptr") else "i32"
-        attrs[(index,)] = [["tt.divisibility", 16]]
+        if name not in _UNSPECIALIZED[kernel]:  # as a launch: Triton gives no hints for these
+            attrs[(index,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
                               target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=config.num_warps, num_stages=config.num_stages))

@@ -66,7 +66,7 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 # Forward: Y = act(X Wᵀ + b)
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # batch sizes vary: no recompiles
 def linear_act_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     M, N, K,
@@ -113,7 +113,7 @@ def linear_act_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Backward dX = (G ⊙ [Y > 0]) W
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # batch sizes vary: no recompiles
 def linear_act_grad_input_kernel(
     g_ptr, y_ptr, w_ptr, dx_ptr,
     M, N, K,
@@ -159,7 +159,7 @@ def linear_act_grad_input_kernel(
 # ----------------------------------------------------------------------------------------------
 # Backward dW = (G ⊙ [Y > 0])ᵀ X and db = Σ_rows (G ⊙ [Y > 0]), rows optionally split in chunks
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit  # M is the reduction here: its divisibility hint keeps the row loop lean
 def linear_act_grad_weight_kernel(
     g_ptr, y_ptr, x_ptr, dw_ptr, db_ptr,
     M, N, K, rows_per_split,
