@@ -13,20 +13,21 @@ from bench import timing
 from bench.variants import TORCH_DTYPES, precision
 
 
+def _matmul_tflops(device: torch.device, dtype: str, size: int, opts: timing.TimingOptions) -> dict:
+    """One dtype's size³ matmul; its operands are freed when this returns."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(size, size, generator=gen).to(device=device, dtype=TORCH_DTYPES[dtype])
+    b = torch.randn(size, size, generator=gen).to(device=device, dtype=TORCH_DTYPES[dtype])
+    with precision(dtype):
+        if device.type == "cuda":
+            stats = timing.time_cuda(lambda: torch.matmul(a, b), [], opts)
+        else:
+            stats = timing.time_cpu(lambda: torch.matmul(a, b), None, opts)
+    return {"tflops": 2 * size**3 / (stats.median_ms * 1e-3) / 1e12,
+            "median_ms": stats.median_ms, "size": size, "method": stats.method}
+
+
 def measure_matmul_peak(device: torch.device, dtypes: Iterable[str], size: int,
                         opts: timing.TimingOptions) -> Dict[str, dict]:
     """TFLOP/s of a size³ matmul for each dtype: {dtype: {"tflops", "median_ms", "size", "method"}}."""
-    peaks: Dict[str, dict] = {}
-    for dtype in dtypes:
-        gen = torch.Generator().manual_seed(3)
-        a = torch.randn(size, size, generator=gen).to(device=device, dtype=TORCH_DTYPES[dtype])
-        b = torch.randn(size, size, generator=gen).to(device=device, dtype=TORCH_DTYPES[dtype])
-        with precision(dtype):
-            if device.type == "cuda":
-                stats = timing.time_cuda(lambda: torch.matmul(a, b), [], opts)
-            else:
-                stats = timing.time_cpu(lambda: torch.matmul(a, b), None, opts)
-        peaks[dtype] = {"tflops": 2 * size**3 / (stats.median_ms * 1e-3) / 1e12,
-                        "median_ms": stats.median_ms, "size": size, "method": stats.method}
-        del a, b
-    return peaks
+    return {dtype: _matmul_tflops(device, dtype, size, opts) for dtype in dtypes}
