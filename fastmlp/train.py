@@ -28,6 +28,7 @@ samples trained per second of wall time (all ranks together), ``history["time_s"
 wall time.
 """
 
+import contextlib
 import sys
 import time
 import weakref
@@ -303,7 +304,26 @@ def _accumulate(param, grad):
 # The captured step
 # --------------------------------------------------------------------------------------------
 class _GraphStep:
-    """forward + loss + backward + optimizer.step captured once, replayed per batch."""
+    """forward + loss + backward + optimizer.step captured once, replayed per batch.
+
+    A graph bakes in two things that live outside it, so both are recorded at capture
+    (:meth:`state`) and compared before the graph is trusted again (:meth:`revalidate`, at
+    every epoch start; between two steps of an epoch nothing else runs):
+
+    * the optimizer's hyperparameters (kernel arguments, frozen at capture);
+    * the addresses of every tensor it reads or writes that is not its own: parameters,
+      gradients, optimizer state (a ``zero_grad(set_to_none=True)``, a loaded optimizer
+      state_dict or a parameter's swapped ``.data`` between fit calls leave the graph pointing
+      at freed memory). The tensors themselves are held until the graph is dropped, and so
+      are fastmlp.SGD's pointer tables, which its small cache could otherwise free.
+
+    A change makes the graph be captured again after two eager warm-up steps: the first may
+    create state (gradients, momentum buffers) and build fastmlp.SGD's first-step table, the
+    second builds the steady-state table the capture will use; nothing may be allocated or
+    copied to the device for the first time inside a capture.
+    """
+
+    REWARM_STEPS = 2
 
     def __init__(self, model, loss_fn, optimizer, key):
         # The model only by weak reference: this object lives in a cache keyed (weakly) by the
@@ -314,17 +334,86 @@ class _GraphStep:
         self.graph = None
         self.static_inputs = self.static_target = None
         self.loss_sum = None      # device scalar: sum of the replayed steps' losses
-        self.captured_hparams = None
-        self.side_stream = torch.cuda.Stream()
+        self.warm_state = None    # state() after the last warm-up step
+        self.captured_state = None
+        self.keepalive = ()       # tensors and SGD plans the graph points into
+        self.side_stream = None   # made on first use, on the model's device
+
+    def state(self) -> tuple:
+        """(hyperparameters, addresses of parameters, gradients and optimizer state)."""
+        optimizer = self.optimizer
+        addresses = []
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        model = self._model()
+        if model is not None:
+            params += list(model.parameters())
+        for p in params:
+            addresses.append(p.data_ptr())
+            addresses.append(p.grad.data_ptr() if p.grad is not None else 0)
+            for value in optimizer.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor):
+                    addresses.append(value.data_ptr())
+        return _hparams(optimizer), tuple(addresses)
+
+    def _tensors(self) -> list:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        out = []
+        for p in params:
+            out.append(p)
+            if p.grad is not None:
+                out.append(p.grad)
+            out.extend(v for v in self.optimizer.state.get(p, {}).values()
+                       if isinstance(v, torch.Tensor))
+        launcher = getattr(self.optimizer, "_launcher", None)   # fastmlp.SGD's kernel tables
+        if launcher is not None:
+            out.extend(launcher._plans.values())
+        return out
+
+    def _settle(self, before: tuple, now: tuple) -> bool:
+        """True if a graph made in state `before` is right for state `now`.
+
+        Same addresses and only float lrs of fastmlp.SGD changed: the new lrs are written into
+        the tensors its kernel reads (sync_lr), which a graph reads at every replay.
+        """
+        if before == now:
+            return True
+        if before[1] == now[1] and hasattr(self.optimizer, "sync_lr") and \
+                _lr_only_change(before[0], now[0]):
+            self.optimizer.sync_lr()
+            return True
+        return False
+
+    def revalidate(self) -> None:
+        """Keep the captured graph only if nothing it baked in has changed (see the class)."""
+        if self.graph is None:
+            return
+        if hasattr(self.optimizer, "sync_lr"):
+            self.optimizer.sync_lr()   # lrs held in tensors elsewhere may have changed in place
+        now = self.state()
+        if self._settle(self.captured_state, now):
+            self.captured_state = now
+            return
+        self.graph = None
+        self.keepalive = ()
+        self.warmup_left = max(self.warmup_left, self.REWARM_STEPS)
+
+    def rewarm_if_changed(self) -> None:
+        """Right before a capture: warm up again if something changed since the warm-up (an
+        epoch boundary may lie between them, and a callback may have run there)."""
+        if self.warm_state is None or not self._settle(self.warm_state, self.state()):
+            self.warmup_left = max(self.warmup_left, self.REWARM_STEPS)
 
     def warmup_step(self, inputs, target, eager_step):
         """An ordinary training step on the side stream (real data, really trained)."""
+        if self.side_stream is None:
+            self.side_stream = torch.cuda.Stream(device=target.device)
         stream = self.side_stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             loss = eager_step(inputs, target, keep_grads=True)
         torch.cuda.current_stream().wait_stream(stream)
         self.warmup_left -= 1
+        self.warm_state = self.state()
         return loss
 
     def capture(self, inputs, target):
@@ -341,24 +430,8 @@ class _GraphStep:
             loss.backward()
             optimizer.step()
             self.loss_sum.add_(loss.detach().float())
-        self.captured_hparams = _hparams(optimizer)
-
-    def check_hparams(self) -> None:
-        """Keep the captured graph only if it still does what the optimizer's param_groups say.
-
-        A changed float lr of fastmlp.SGD is written into the tensor its kernel reads; any other
-        change means the graph must be captured again (after one eager step: a change such as
-        turning momentum on allocates state, which must not happen inside a capture).
-        """
-        now = _hparams(self.optimizer)
-        if now == self.captured_hparams:
-            return
-        if hasattr(self.optimizer, "sync_lr") and _lr_only_change(self.captured_hparams, now):
-            self.optimizer.sync_lr()
-            self.captured_hparams = now
-            return
-        self.graph = None
-        self.warmup_left = max(self.warmup_left, 1)
+        self.captured_state = self.state()
+        self.keepalive = tuple(self._tensors())
 
     def replay(self, inputs, target):
         """Copy the batch into the static inputs and replay the captured step."""
@@ -395,7 +468,10 @@ def fit(model: nn.Module, loader: Iterable, loss_fn: Callable, optimizer: torch.
         cuda_graph: "auto" captures the step in a CUDA graph when the model is on CUDA, the
             optimizer is an SGD (torch's or fastmlp's) or has ``capturable=True``, and the model
             is not DDP-wrapped; True captures whenever the model is on CUDA (DDP included, with
-            NCCL, after torch's documented 11 warm-up steps); False never.
+            NCCL, after torch's documented 11 warm-up steps; PyTorch's CUDA-graph notes also
+            require the DDP module to be constructed under a side stream,
+            ``with torch.cuda.stream(torch.cuda.Stream()): model = DDP(model)``; not yet run on a
+            GPU); False never.
         progress: a tqdm bar per epoch (rank 0 only, and only when stderr is a terminal).
         callbacks: each called after every epoch as ``cb(epoch, logs)`` or
             ``cb.on_epoch_end(epoch, logs)`` with logs {"epoch", "loss", "samples_per_s",
@@ -454,80 +530,85 @@ def fit(model: nn.Module, loader: Iterable, loss_fn: Callable, optimizer: torch.
 
     show = bool(progress) and rank == 0 and sys.stderr.isatty()
     model.train()
-    for epoch in range(start_epoch, start_epoch + epochs):
-        _set_epoch(loader, epoch)
-        if manual is not None:
-            plan = getattr(optimizer, "_cpu_step_plan", None)
-            lean_step = plan(manual.params) if plan is not None else None
-            manual.prepare(own_grads=lean_step is not None)
-        bar = _progress_bar(loader, epoch, start_epoch + epochs) if show else None
-        eager_losses = []
-        n_samples = n_steps = 0
-        full_shape = None
-        t0 = time.perf_counter()
-        for batch in loader:
-            inputs, target = _split_batch(batch, device)
-            n = target.shape[0]
-            if use_graph:
-                shape_key = tuple((tuple(t.shape), t.dtype) for t in (*inputs, target))
-                if full_shape is None:
-                    full_shape = shape_key    # the first batch of an epoch sets the static shape
-                if shape_key == full_shape:
-                    if graph_step is None or graph_step.key != shape_key:
-                        graph_step = _GraphStep(model, loss_fn, optimizer, shape_key)
-                        _graph_cache[model] = graph_step
-                    if graph_step.graph is not None:
-                        graph_step.check_hparams()  # may drop the graph: re-warm, re-capture
-                    if graph_step.warmup_left > 0:
-                        eager_losses.append(graph_step.warmup_step(inputs, target, eager_step))
+    # CUDA streams, graphs and Triton launches use the current device: make it the model's.
+    device_scope = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with device_scope:
+        for epoch in range(start_epoch, start_epoch + epochs):
+            _set_epoch(loader, epoch)
+            if graph_step is not None:
+                graph_step.revalidate()   # callbacks or the caller may have changed its inputs
+            if manual is not None:
+                plan = getattr(optimizer, "_cpu_step_plan", None)
+                lean_step = plan(manual.params) if plan is not None else None
+                manual.prepare(own_grads=lean_step is not None)
+            bar = _progress_bar(loader, epoch, start_epoch + epochs) if show else None
+            eager_losses = []
+            n_samples = n_steps = 0
+            full_shape = None
+            t0 = time.perf_counter()
+            for batch in loader:
+                inputs, target = _split_batch(batch, device)
+                n = target.shape[0]
+                if use_graph:
+                    shape_key = tuple((tuple(t.shape), t.dtype) for t in (*inputs, target))
+                    if full_shape is None:
+                        full_shape = shape_key    # the first batch of an epoch sets the static shape
+                    if shape_key == full_shape:
+                        if graph_step is None or graph_step.key != shape_key:
+                            graph_step = _GraphStep(model, loss_fn, optimizer, shape_key)
+                            _graph_cache[model] = graph_step
+                        if graph_step.graph is None and graph_step.warmup_left == 0:
+                            graph_step.rewarm_if_changed()
+                        if graph_step.warmup_left > 0:
+                            eager_losses.append(graph_step.warmup_step(inputs, target, eager_step))
+                        else:
+                            if graph_step.graph is None:
+                                graph_step.capture(inputs, target)  # records, does not run
+                            graph_step.replay(inputs, target)
                     else:
-                        if graph_step.graph is None:
-                            graph_step.capture(inputs, target)  # records, does not run
-                        graph_step.replay(inputs, target)
+                        eager_losses.append(eager_step(inputs, target, keep_grads=True))
                 else:
-                    eager_losses.append(eager_step(inputs, target, keep_grads=True))
-            else:
-                eager_losses.append(eager_step(inputs, target, keep_grads=keep_grads))
-            n_samples += n
-            n_steps += 1
-            if bar is not None:
-                bar.update(n)
+                    eager_losses.append(eager_step(inputs, target, keep_grads=keep_grads))
+                n_samples += n
+                n_steps += 1
+                if bar is not None:
+                    bar.update(n)
 
-        # The one read per epoch: sum of losses, steps and samples (over all ranks).
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        if eager_losses:
-            if len({l.dtype for l in eager_losses}) == 1:
-                total += torch.stack(eager_losses).double().sum()  # exact: fp32 -> fp64
-            else:
-                total += torch.stack([l.double() for l in eager_losses]).sum()
-        if graph_step is not None:
-            graph_sum = graph_step.take_loss_sum()
-            if graph_sum is not None:
-                total += graph_sum.double()
-        stats = torch.stack([total.reshape(()), torch.tensor(float(n_steps), device=device,
-                                                             dtype=torch.float64),
-                             torch.tensor(float(n_samples), device=device, dtype=torch.float64)])
-        if world_size > 1:
-            backend = torch.distributed.get_backend()
-            on = stats if backend != "gloo" else stats.cpu()
-            torch.distributed.all_reduce(on)
-            stats = on
-        loss_sum, steps, samples = stats.tolist()
-        elapsed = time.perf_counter() - t0
-        mean_loss = loss_sum / steps if steps else float("nan")
-        rate = samples / elapsed if elapsed > 0 else float("inf")
-        history["loss"].append(mean_loss)
-        history["samples_per_s"].append(rate)
-        history["time_s"].append(elapsed)
-        if bar is not None:
-            bar.set_postfix(loss=f"{mean_loss:.4g}", samples_per_s=f"{rate:,.0f}")
-            bar.close()
-        logs = {"epoch": epoch, "loss": mean_loss, "samples_per_s": rate, "time_s": elapsed}
-        stop = False
-        for cb in callbacks:
-            stop = _call_callback(cb, epoch, logs) or stop
-        if stop:
-            break
+            # The one read per epoch: sum of losses, steps and samples (over all ranks).
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            if eager_losses:
+                if len({l.dtype for l in eager_losses}) == 1:
+                    total += torch.stack(eager_losses).double().sum()  # exact: fp32 -> fp64
+                else:
+                    total += torch.stack([l.double() for l in eager_losses]).sum()
+            if graph_step is not None:
+                graph_sum = graph_step.take_loss_sum()
+                if graph_sum is not None:
+                    total += graph_sum.double()
+            stats = torch.stack([total.reshape(()), torch.tensor(float(n_steps), device=device,
+                                                                 dtype=torch.float64),
+                                 torch.tensor(float(n_samples), device=device, dtype=torch.float64)])
+            if world_size > 1:
+                backend = torch.distributed.get_backend()
+                on = stats if backend != "gloo" else stats.cpu()
+                torch.distributed.all_reduce(on)
+                stats = on
+            loss_sum, steps, samples = stats.tolist()
+            elapsed = time.perf_counter() - t0
+            mean_loss = loss_sum / steps if steps else float("nan")
+            rate = samples / elapsed if elapsed > 0 else float("inf")
+            history["loss"].append(mean_loss)
+            history["samples_per_s"].append(rate)
+            history["time_s"].append(elapsed)
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean_loss:.4g}", samples_per_s=f"{rate:,.0f}")
+                bar.close()
+            logs = {"epoch": epoch, "loss": mean_loss, "samples_per_s": rate, "time_s": elapsed}
+            stop = False
+            for cb in callbacks:
+                stop = _call_callback(cb, epoch, logs) or stop
+            if stop:
+                break
     return history
 
 

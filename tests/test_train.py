@@ -217,6 +217,79 @@ def test_argument_errors():
 
 
 # ---------------------------------------------------------------------------------------------
+# The captured step's bookkeeping (no GPU needed: it decides when a graph is still valid)
+# ---------------------------------------------------------------------------------------------
+def _graph_step(opt_cls=fastmlp.SGD, **opt_kwargs):
+    from fastmlp.train import _GraphStep
+
+    model = _seed_like()
+    opt = opt_cls(model.parameters(), lr=0.01, **opt_kwargs)
+    x, y = _regression_data(n=16)
+    nn.MSELoss()(model(x), y).backward()
+    opt.step()
+    step = _GraphStep(model, nn.MSELoss(), opt, key=None)
+    step.graph = object()                 # stands for a captured graph
+    step.warmup_left = 0
+    step.captured_state = step.warm_state = step.state()
+    return step, model, opt
+
+
+def test_graph_is_kept_while_nothing_it_baked_in_changes():
+    step, model, opt = _graph_step()
+    step.revalidate()
+    assert step.graph is not None
+    opt.param_groups[0]["lr"] = 0.5       # fastmlp.SGD reads lr from device memory: kept
+    step.revalidate()
+    assert step.graph is not None and step.captured_state == step.state()
+    for p in model.parameters():           # in-place changes keep the addresses
+        p.data.mul_(0.5)
+        p.grad.zero_()
+    step.revalidate()
+    assert step.graph is not None
+
+
+@pytest.mark.parametrize("change", ["zero_grad_to_none", "momentum_on", "swap_data",
+                                    "torch_sgd_lr", "load_optimizer_state"])
+def test_graph_is_dropped_and_rewarmed_when_its_inputs_change(change):
+    opt_cls = torch.optim.SGD if change == "torch_sgd_lr" else fastmlp.SGD
+    kwargs = {"momentum": 0.9} if change == "load_optimizer_state" else {}
+    step, model, opt = _graph_step(opt_cls, **kwargs)
+    if change == "zero_grad_to_none":
+        opt.zero_grad(set_to_none=True)   # the graph would write freed memory
+    elif change == "momentum_on":
+        opt.param_groups[0]["momentum"] = 0.9
+    elif change == "swap_data":
+        model[0].weight.data = model[0].weight.data.clone()
+    elif change == "torch_sgd_lr":
+        opt.param_groups[0]["lr"] = 0.5   # a float kernel argument inside torch's captured step
+    else:
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))   # new momentum buffers
+    step.revalidate()
+    assert step.graph is None and step.keepalive == ()
+    assert step.warmup_left >= 2, "a first step may build state: two warm-up steps before capture"
+
+
+def test_capture_waits_for_a_second_warmup_after_a_change():
+    step, model, opt = _graph_step()
+    step.graph = None
+    step.rewarm_if_changed()
+    assert step.warmup_left == 0           # nothing changed since the warm-up: capture
+    opt.zero_grad(set_to_none=True)        # e.g. a callback between warm-up and capture
+    step.rewarm_if_changed()
+    assert step.warmup_left == 2
+
+
+def test_graph_keeps_its_tensors_and_sgd_tables_alive(triton_backend):
+    step, model, opt = _graph_step(momentum=0.9)
+    assert opt._launcher is not None and opt._launcher._plans
+    held = step._tensors()
+    for p in model.parameters():
+        assert any(t is p.grad for t in held)
+        assert any(t is opt.state[p]["momentum_buffer"] for t in held)
+    assert all(any(t is plan for t in held) for plan in opt._launcher._plans.values())
+
+
+# ---------------------------------------------------------------------------------------------
 # CUDA: the captured step against the eager one
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.gpu
@@ -240,6 +313,38 @@ def test_cuda_graph_fit_matches_eager(opt_name):
     assert _max_rel_err(graphed, eager) < 1e-5
     for a, b in zip(h_g["loss"], h_e["loss"]):
         assert a == pytest.approx(b, rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("opt_name", ["fastmlp", "torch"])
+def test_cuda_graph_survives_changes_between_fit_calls(opt_name):
+    """Changes a graph bakes in, made between fit calls or epochs, each right where the next
+    batch would be captured or replayed: an lr schedule when the warm-up ends at an epoch's
+    end (3 full batches), momentum turned on, gradients set to None, an optimizer state_dict
+    loaded (new momentum buffers). The graphed run must train exactly like the eager one."""
+    x, y = _regression_data(n=48)            # 3 full batches of 16: warm-up ends with epoch 0
+    make_opt = {"fastmlp": fastmlp.SGD, "torch": torch.optim.SGD}[opt_name]
+    models = [fastmlp.fuse(_seed_like(device="cuda")) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    loader = fastmlp.TensorLoader(x, y, batch_size=16, device="cuda")
+    for model, graphed in zip(models, (False, True)):
+        opt = make_opt(model.parameters(), lr=0.01)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+
+        def run(epochs):
+            fastmlp.fit(model, loader, nn.MSELoss(), opt, epochs=epochs, cuda_graph=graphed,
+                        progress=False, callbacks=[lambda e, logs: sched.step()])
+
+        run(2)
+        opt.param_groups[0]["momentum"] = 0.9
+        run(2)
+        opt.zero_grad(set_to_none=True)
+        run(1)
+        opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        run(2)
+    from fastmlp.train import _graph_cache
+    assert _graph_cache[models[1]].graph is not None
+    assert _max_rel_err(models[1], models[0]) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
