@@ -117,7 +117,11 @@ class SGD(torch.optim.SGD):
         """
         for (gi, device), (cached, t) in list(self._lr_cache.items()):
             lr = self.param_groups[gi]["lr"]
-            if not isinstance(lr, torch.Tensor) and float(lr) != cached:
+            if isinstance(lr, torch.Tensor):
+                if lr.device == device:
+                    continue   # the kernel reads this very tensor
+                lr = lr.item()  # a tensor elsewhere (CPU): its value may have changed in place
+            if float(lr) != cached:
                 self._lr_tensor(gi, lr, device)
 
     # ---------------------------------------------------------------------------------------

@@ -166,6 +166,23 @@ def test_triton_lr_tensor_and_lr_changes(triton_backend, device):
     _assert_params_close(ours2, ref, 1e-6, "scheduled float lr")
 
 
+def test_sync_lr_follows_float_and_foreign_tensor_lrs():
+    """sync_lr (called before a CUDA-graph replay) refreshes the device copies the kernel reads:
+    from a float lr, and from an lr tensor on another device changed in place."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    lr = torch.tensor(0.05)                       # a CPU tensor; the kernel's copy lives elsewhere
+    opt = fastmlp.SGD([p], lr=lr)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.1})
+    elsewhere = torch.device("meta")              # stands for the GPU the kernel runs on
+    copies = [torch.tensor([0.05]), torch.tensor([0.1])]
+    opt._lr_cache = {(0, elsewhere): (0.05, copies[0]), (1, elsewhere): (0.1, copies[1])}
+    lr.fill_(0.025)
+    opt.param_groups[1]["lr"] = 0.2
+    opt.sync_lr()
+    assert copies[0].item() == pytest.approx(0.025) and copies[1].item() == pytest.approx(0.2)
+    assert opt._lr_cache[(0, elsewhere)][0] == pytest.approx(0.025)
+
+
 @pytest.mark.parametrize("src,dst", [("fastmlp", "torch"), ("torch", "fastmlp")])
 def test_state_dict_interchange(src, dst):
     classes = {"fastmlp": fastmlp.SGD, "torch": torch.optim.SGD}
