@@ -42,6 +42,7 @@ class CompileReport:
     stack_bytes: int
     shared_bytes: int
     hgmma: int
+    wide_loads: int  # 16-byte global loads (ld.global.v4) in the PTX
 
 
 def _tool(name: str) -> str:
@@ -101,7 +102,8 @@ def compile_config(kernel: str, arch: int, dtype: str, precision: str,
 
 
 def _read_reports(compiled, arch: int):
-    """(registers, spill bytes, stack bytes, shared bytes, HGMMA count) from ptxas and cuobjdump."""
+    """(registers, spill bytes, stack bytes, shared bytes, HGMMA count, 16-byte global loads)
+    from ptxas, cuobjdump and the PTX."""
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(ptx, "w") as f:
@@ -117,7 +119,9 @@ def _read_reports(compiled, arch: int):
     registers = int(re.search(r"Used (\d+) registers", ptxas).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas))
     stack = int(re.search(r"(\d+) bytes stack frame", ptxas).group(1))
-    return registers, spills, stack, compiled.metadata.shared, len(re.findall(r"\bHGMMA\b", sass))
+    wide_loads = len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.", compiled.asm["ptx"]))
+    return (registers, spills, stack, compiled.metadata.shared, len(re.findall(r"\bHGMMA\b", sass)),
+            wide_loads)
 
 
 def shipped_cases():
@@ -189,12 +193,12 @@ def main(argv=None) -> None:
         raise SystemExit("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
     reports = compile_all(args.jobs)
     print(f"{'kernel':12} {'sm':>3} {'dtype':5} {'prec':4} {'rows':>4} {'cols':>4} {'red':>4} "
-          f"{'warps':>5} {'stages':>6} {'regs':>4} {'spill':>5} {'smem':>7} {'HGMMA':>5}")
+          f"{'warps':>5} {'stages':>6} {'regs':>4} {'spill':>5} {'smem':>7} {'HGMMA':>5} {'ldv4':>5}")
     for r in reports:
         c = r.config or tuning.TileConfig(0, 0, 0, 0, 4, 0)
         print(f"{r.kernel:12} {r.arch:3} {r.dtype:5} {r.precision:4} {c.block_rows:4} {c.block_cols:4} "
               f"{c.block_red:4} {c.num_warps:5} {c.num_stages:6} {r.registers:4} {r.spill_bytes:5} "
-              f"{r.shared_bytes:7} {r.hgmma:5}")
+              f"{r.shared_bytes:7} {r.hgmma:5} {r.wide_loads:5}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in reports], f, indent=1)

@@ -51,45 +51,25 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 
 @triton.jit
-def _sgd_kernel(tensor_table, block_table, lr_ptr,
-                weight_decay, momentum, one_minus_dampening,
-                DTYPE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-                NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
-                BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    # Which tensor this program updates, and where its block starts inside that tensor.
-    tensor_id = tl.load(block_table + 2 * pid)
-    start = tl.load(block_table + 2 * pid + 1)
-    row = tensor_table + tensor_id * 5
-    p_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
-    numel = tl.load(row + 3)
-    if ALIGNED:  # every tensor starts 16-byte aligned (checked on the host): vector loads
-        p_ptr = tl.multiple_of(p_ptr, 16)
-        g_ptr = tl.multiple_of(g_ptr, 16)
-
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < numel
+def _sgd_block(p_ptr, g_ptr, b_ptr, first, offs, mask, lr,
+               weight_decay, momentum, one_minus_dampening,
+               DTYPE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+               NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """Update one block of p (and of its momentum buffer); mask is None for a full block."""
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-    lr = tl.load(lr_ptr).to(tl.float32)
-
     if MAXIMIZE:
         g = -g
     if HAS_WEIGHT_DECAY:
         g = g + weight_decay * p
     if HAS_MOMENTUM:
-        b_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))
-        if ALIGNED:
-            b_ptr = tl.multiple_of(b_ptr, 16)
-        first = tl.load(row + 4)
         # On a first step the buffer is fresh memory: never read it, it becomes a copy of g.
         # (A branch on the scalar, not a scalar folded into the load mask: newer interpreters
         # reject a mask mixing a tensor with a loaded scalar.)
         if first != 0:
             b = g
         else:
-            b_old = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            b_old = tl.load(b_ptr + offs, mask=mask).to(tl.float32)
             b = b_old * momentum + one_minus_dampening * g
         b = b.to(DTYPE)
         tl.store(b_ptr + offs, b, mask=mask)
@@ -100,6 +80,41 @@ def _sgd_kernel(tensor_table, block_table, lr_ptr,
             g = b
     p = p - lr * g
     tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _sgd_kernel(tensor_table, block_table, lr_ptr,
+                weight_decay, momentum, one_minus_dampening,
+                DTYPE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+                NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, ALIGNED: tl.constexpr,
+                BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    # Which tensor this program updates, and where its block starts inside that tensor.
+    tensor_id = tl.load(block_table + 2 * pid)
+    start = tl.multiple_of(tl.load(block_table + 2 * pid + 1), BLOCK)  # the host makes it so
+    row = tensor_table + tensor_id * 5
+    p_ptr = tl.load(row).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))
+    b_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))  # unused without momentum
+    numel = tl.load(row + 3)
+    first = tl.load(row + 4)
+    if ALIGNED:  # every tensor starts 16-byte aligned (checked on the host)
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        b_ptr = tl.multiple_of(b_ptr, 16)
+    lr = tl.load(lr_ptr).to(tl.float32)
+    offs = start + tl.arange(0, BLOCK)
+    # Full blocks go without a mask: `offs < numel` with numel read from memory would tell the
+    # compiler nothing about where the mask changes, and it would fall back to one scalar load
+    # per element instead of 16-byte vectors. Only a tensor's last block needs the mask.
+    if start + BLOCK <= numel:
+        _sgd_block(p_ptr, g_ptr, b_ptr, first, offs, None, lr,
+                   weight_decay, momentum, one_minus_dampening,
+                   DTYPE, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, MAXIMIZE)
+    else:
+        _sgd_block(p_ptr, g_ptr, b_ptr, first, offs, offs < numel, lr,
+                   weight_decay, momentum, one_minus_dampening,
+                   DTYPE, HAS_WEIGHT_DECAY, HAS_MOMENTUM, NESTEROV, MAXIMIZE)
 
 
 class _Plan:

@@ -68,3 +68,8 @@ def test_every_shipped_config_list_is_covered():
 def test_sgd_kernel_compiles_cleanly(reports, arch, dtype, momentum):
     report = reports[("sgd", arch, dtype, momentum)]
     assert report["spill_bytes"] == 0 and report["stack_bytes"] == 0, report
+    # full blocks stream p, g (and the momentum buffer) with 16-byte loads, 128 bytes per thread
+    # and array when BLOCK=2048 and 4 warps: 4 (bf16: 2) such loads per array
+    per_array = 4 if dtype == "fp32" else 2
+    arrays = 3 if momentum else 2
+    assert report["wide_loads"] >= per_array * arrays, report
