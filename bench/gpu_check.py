@@ -7,13 +7,13 @@ plain copy of the repository. Everything lands in OUT as a handful of files (a d
 bring back only a few, only a couple of folders deep):
 
     summary.log           each step's status, duration and output tail; last line PASS or FAIL
-    pytest.log, junit.xml the whole test suite (the gpu marker included: CUDA is present)
+    pytest.log, junit.xml the test suite but its "slow" tests (the gpu marker included)
     sanitizer.log         compute-sanitizer memcheck of bench.sanitize_target (or why it was skipped)
     bench.log             python -m bench's output
     README-table.md       the report's table, ready for the README
     bench-results.tar.gz  the results folder: results.json, results.csv, README-table.md, PNGs
 
-Each step has a timeout carved from one overall budget (default 450 s, under 8 minutes), and the
+Each step has a timeout carved from one overall budget (default 480 s, 8 minutes), and the
 benchmark gets a --time-budget inside its timeout so it ends with a report rather than a kill.
 """
 
@@ -36,9 +36,9 @@ TAIL_LINES = 40
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
     p.add_argument("out", help="folder for every output (created)")
-    p.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check (450)")
-    p.add_argument("--tests-timeout", type=float, default=170.0, help="cap for the test suite (170)")
-    p.add_argument("--sanitizer-timeout", type=float, default=90.0, help="cap for compute-sanitizer (90)")
+    p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check (480)")
+    p.add_argument("--tests-timeout", type=float, default=200.0, help="cap for the test suite (200)")
+    p.add_argument("--sanitizer-timeout", type=float, default=80.0, help="cap for compute-sanitizer (80)")
     p.add_argument("--bench-args", default="--compile-budget 60",
                    help="extra arguments for python -m bench (default: %(default)s)")
     p.add_argument("--skip-tests", action="store_true")
@@ -143,18 +143,25 @@ def environment_report(check: Check) -> bool:
         check.note(f"device: {torch.cuda.get_device_name(0)}")
     smi = shutil.which("nvidia-smi")
     if smi:
-        out = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
-        check.note(f"nvidia-smi: {out.stdout.strip() or out.stderr.strip()}")
+        try:
+            out = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+            check.note(f"nvidia-smi: {out.stdout.strip() or out.stderr.strip()}")
+        except (subprocess.TimeoutExpired, OSError) as exc:  # informational only
+            check.note(f"nvidia-smi: not read ({exc})")
     return has_cuda
 
 
 def step_tests(check: Check, timeout: float) -> None:
     # One tile config per kernel: autotuning every shape bucket of the suite would spend the
     # budget compiling configs (tests that check the autotuner turn it back on themselves).
+    # Without the "slow" tests: they compile every shipped config for sm_80/sm_90 without a GPU,
+    # run multi-process gloo, or re-run the benchmark harness in subprocesses, all of which CI
+    # already does on CPUs and the bench step below does on this GPU. --durations names the
+    # slowest tests in pytest.log, for sizing the next check.
     env = dict(check.env, FASTMLP_AUTOTUNE="0")
     code = check.run("tests", [sys.executable, "-m", "pytest", "tests", "-q", "-rs",
-                               "-p", "no:cacheprovider",
+                               "-m", "not slow", "--durations=25", "-p", "no:cacheprovider",
                                f"--junitxml={os.path.join(check.out, 'junit.xml')}"],
                      "pytest.log", timeout, env=env)
     if code != 0:
@@ -172,7 +179,10 @@ def step_sanitizer(check: Check, timeout: float) -> None:
     env = dict(check.env)
     env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"  # so memcheck sees each tensor's real bounds
     env["FASTMLP_AUTOTUNE"] = "0"  # one config per kernel: no timing loops under memcheck's slowdown
-    code = check.run("sanitizer", [tool, "--tool", "memcheck", "--error-exitcode", "97",
+    # --report-api-errors no: CUDA API calls that fail by design (libraries probing for entry
+    # points or pointer attributes) would otherwise count as errors; memory errors still do.
+    code = check.run("sanitizer", [tool, "--tool", "memcheck", "--report-api-errors", "no",
+                                   "--error-exitcode", "97",
                                    sys.executable, "-m", "bench.sanitize_target"],
                      "sanitizer.log", timeout, env=env)
     if code != 0:

@@ -186,10 +186,13 @@ def build(case: Case, name: str, reference: nn.Sequential, data: CaseData) -> Ru
     optimizer, opt_name = make_optimizer(name, params)
 
     def step():
+        # Gradients zeroed in place, not set to None: the same memory every call, which a
+        # CUDA-graph replay of several calls needs (fastmlp.SGD's pointer table cannot follow
+        # gradients re-allocated inside a capture), and the same for every variant.
+        optimizer.zero_grad(set_to_none=False)
         loss = loss_fn(model(x), target)
         loss.backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
     return Runnable(step, notes=f"optimizer {opt_name}")
 

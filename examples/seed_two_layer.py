@@ -121,7 +121,7 @@ def main():
     # The first pair includes one-time costs (compiles, graph capture): ratios use the others.
     pairs = [s / f for s, f in zip(t_stock[1:], t_fast[1:])] or [t_stock[0] / t_fast[0]]
     best_s, best_f = min(t_stock), min(t_fast)
-    print(f"stock / fastmlp per epoch pair: " + ", ".join(f"{r:.2f}x" for r in pairs)
+    print("stock / fastmlp per epoch pair: " + ", ".join(f"{r:.2f}x" for r in pairs)
           + f"  -> median {statistics.median(pairs):.2f}x")
     print(f"best epochs: stock {best_s:.3f} s, fastmlp {best_f:.3f} s -> {best_s / best_f:.2f}x")
     print(f"largest relative weight difference after training: {diff:.2e}")

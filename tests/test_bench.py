@@ -150,6 +150,7 @@ def test_loop_workload_runs_or_says_why(tiny_report):
         assert parts["status"] == "unavailable"
 
 
+@pytest.mark.slow  # torch.compile or a subprocess re-running the harness
 def test_compile_baseline_and_its_budget():
     """The compile path runs; once the compile budget is spent, later compiles are skipped."""
     opts = RunOptions(device="cuda" if torch.cuda.is_available() else "cpu", tiny=True,
@@ -178,6 +179,7 @@ def test_plots_degrade_without_matplotlib(monkeypatch, tiny_report, tmp_path):
     assert written == [] and "matplotlib" in why
 
 
+@pytest.mark.slow  # torch.compile or a subprocess re-running the harness
 @pytest.mark.skipif(importlib.util.find_spec("pytest_benchmark") is None,
                     reason="pytest-benchmark is not installed")
 def test_pytest_benchmark_suite_runs(tmp_path):
@@ -193,18 +195,21 @@ def test_pytest_benchmark_suite_runs(tmp_path):
     assert {b["extra_info"]["variant"] for b in data["benchmarks"]} >= {"fastmlp", "eager"}
 
 
+@pytest.mark.slow  # torch.compile or a subprocess re-running the harness
 def test_gpu_check_writes_a_compact_folder(tmp_path):
     """The check's packaging, without the test suite (it would run itself): few files, one level."""
-    proc = subprocess.run(
-        [os.path.join(REPO_ROOT, "bench", "gpu_check.sh"), str(tmp_path), "--allow-cpu",
+    proc = subprocess.run(   # OUT given relative to the caller's directory
+        [os.path.join(REPO_ROOT, "bench", "gpu_check.sh"), "out", "--allow-cpu",
          "--skip-tests", "--skip-sanitizer", "--budget", "200",
          "--bench-args", "--tiny --no-compile --rounds 1 --quiet --only seed-layer"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    files = sorted(os.listdir(tmp_path))
+    out = tmp_path / "out"
+    files = sorted(os.listdir(out))
     assert {"summary.log", "bench.log", "bench-results.tar.gz", "README-table.md"} <= set(files)
-    assert len(files) <= 8 and all(os.path.isfile(tmp_path / f) for f in files)
-    assert "GPU CHECK: PASS" in (tmp_path / "summary.log").read_text()
+    assert len(files) <= 8 and all(os.path.isfile(out / f) for f in files)
+    assert "GPU CHECK: PASS" in (out / "summary.log").read_text()
 
 
 def test_sanitize_target_checks_pass_on_this_device():
