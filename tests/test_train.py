@@ -219,13 +219,13 @@ def test_argument_errors():
 # ---------------------------------------------------------------------------------------------
 # The captured step's bookkeeping (no GPU needed: it decides when a graph is still valid)
 # ---------------------------------------------------------------------------------------------
-def _graph_step(opt_cls=fastmlp.SGD, **opt_kwargs):
+def _graph_step(opt_cls=fastmlp.SGD, device="cpu", **opt_kwargs):
     from fastmlp.train import _GraphStep
 
-    model = _seed_like()
+    model = _seed_like(device=device)
     opt = opt_cls(model.parameters(), lr=0.01, **opt_kwargs)
     x, y = _regression_data(n=16)
-    nn.MSELoss()(model(x), y).backward()
+    nn.MSELoss()(model(x.to(device)), y.to(device)).backward()
     opt.step()
     step = _GraphStep(model, nn.MSELoss(), opt, key=None)
     step.graph = object()                 # stands for a captured graph
@@ -279,8 +279,8 @@ def test_capture_waits_for_a_second_warmup_after_a_change():
     assert step.warmup_left == 2
 
 
-def test_graph_keeps_its_tensors_and_sgd_tables_alive(triton_backend):
-    step, model, opt = _graph_step(momentum=0.9)
+def test_graph_keeps_its_tensors_and_sgd_tables_alive(triton_backend, device):
+    step, model, opt = _graph_step(device=device, momentum=0.9)
     assert opt._launcher is not None and opt._launcher._plans
     held = step._tensors()
     for p in model.parameters():
