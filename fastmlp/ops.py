@@ -14,6 +14,7 @@ Layers of this file, bottom up:
    way nn.Linear does (every float16/bfloat16/float32 input cast to the autocast dtype).
 """
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -68,8 +69,22 @@ def check_linear_inputs(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 
 
 def _allow_tf32() -> bool:
-    """torch's fp32 matmul setting: "highest" (the default) means exact fp32 products (no TF32)."""
+    """Whether torch lets fp32 matmuls on CUDA use TF32 (by default it does not).
+
+    Read from ``torch.backends.cuda.matmul.fp32_precision`` where torch has it: that reflects
+    the legacy switches (``set_float32_matmul_precision``, ``allow_tf32``) and the newer
+    ``fp32_precision`` ones alike ("tf32": allowed; "ieee", "none": exact fp32), whereas
+    ``get_float32_matmul_precision()`` raises once the newer API has turned TF32 on.
+    """
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
     return torch.get_float32_matmul_precision() != "highest"
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t [..., C] as a matrix [prod(...), C]; reshape(-1, C) cannot do it when t is empty."""
+    return t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def _kernels():
@@ -211,7 +226,7 @@ class FusedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias=None, activation="relu"):
         check_linear_inputs(x, weight, bias, activation)
-        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        x2 = _rows(x)
         y2 = _call(linear_act, _linear_act_impl, x2, weight, bias, activation)
         ctx.activation = activation
         ctx.has_bias = bias is not None
@@ -224,7 +239,7 @@ class FusedLinearFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x2, weight, y2 = ctx.saved_tensors
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-        g2 = grad if grad.dim() == 2 else grad.reshape(-1, weight.shape[0])
+        g2 = _rows(grad)
         dx, dw, db = linear_act_backward(g2, x2, weight, y2 if y2 is not None else g2,
                                          ctx.activation, needs_x, needs_w, needs_b and ctx.has_bias)
         if dx is not None and len(ctx.x_shape) != 2:

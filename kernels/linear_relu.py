@@ -16,7 +16,8 @@ arbitrary strides (no copies of transposed or sliced inputs) and forms addresses
 tensors past 2**31 elements index correctly. Programs are ordered in groups along the output rows
 so that neighbouring programs reuse the same column tiles while they sit in L2 (Triton tutorial 03).
 
-dW + db are deterministic: each program owns its output tile and walks its rows in a fixed order;
+dW + db are deterministic for a given config (the autotuner's pick can differ between processes):
+each program owns its output tile and walks its rows in a fixed order;
 when the output has too few tiles to fill the GPU (M >> N, K), the rows are split into SPLIT
 chunks whose fp32 partial sums are then added in a fixed order (a torch sum over the split axis).
 """
@@ -55,6 +56,13 @@ def _in_bounds(lanes, start, size, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _tiles(size, BLOCK: tl.constexpr):
+    """cdiv(size, BLOCK) for size >= 1 (the launchers skip empty problems) without forming
+    size + BLOCK - 1, which wraps when size is an int32 within BLOCK of 2**31."""
+    return (size - 1) // BLOCK + 1
+
+
+@triton.jit
 def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc += a @ b. UPCAST is set only under the interpreter, whose bf16 dot is wrong."""
     if UPCAST:
@@ -76,7 +84,7 @@ def linear_act_fwd_kernel(
     OFFSET_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), _tiles(M, BLOCK_M), _tiles(N, BLOCK_N), GROUP)
     # Where this program's tiles start, in int64 (M * stride can pass 2**31); offsets inside a
     # tile are small and stay in OFFSET_DTYPE (int32 unless a stride is huge), which halves the
     # registers that addressing takes.
@@ -124,7 +132,7 @@ def linear_act_grad_input_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
 ):
     """G and Y have the same strides (the launcher makes it so): one offset tile serves both."""
-    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP)
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), _tiles(M, BLOCK_M), _tiles(K, BLOCK_K), GROUP)
     m0 = pid_m.to(tl.int64) * BLOCK_M
     k0 = pid_k.to(tl.int64) * BLOCK_K
     rm = tl.arange(0, BLOCK_M).to(OFFSET_DTYPE)
@@ -172,10 +180,10 @@ def linear_act_grad_weight_kernel(
 ):
     """Program (tile, split) reduces rows [split * rows_per_split, ...) into its own output slice."""
     if COMPUTE_DW:
-        num_k_tiles = tl.cdiv(K, BLOCK_K)  # K >= 1 here: the launcher skips an empty dW
+        num_k_tiles = _tiles(K, BLOCK_K)  # K >= 1 here: the launcher skips an empty dW
     else:
         num_k_tiles = 1  # db alone: one column tile per row chunk
-    pid_n, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_k_tiles, GROUP)
+    pid_n, pid_k = _grouped_tile(tl.program_id(0), _tiles(N, BLOCK_N), num_k_tiles, GROUP)
     split = tl.program_id(1).to(tl.int64)
     row_start = split * rows_per_split
     rows_here = tl.minimum(M - row_start, rows_per_split).to(tl.int32)
@@ -275,7 +283,7 @@ def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias, activation: 
     acc, precision, upcast = _precision(x.dtype, allow_tf32)
     relu = activation == "relu"
     b = bias if bias is not None else weight  # never read when HAS_BIAS is False
-    offset_dtype = _offset_dtype(x, weight, y)
+    offset_dtype = _offset_dtype(x, weight, y, *([bias] if bias is not None else []))
 
     def launch(cfg):
         if cfg is tuning.TORCH_GEMM:
@@ -383,8 +391,11 @@ def linear_act_grad_weight(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
 
     def run(cfg, chunks: int):
         if cfg is tuning.TORCH_GEMM:
-            g = _torch_masked(grad, y, relu)
-            return (g.t() @ x if compute_weight else None), (g.sum(0) if compute_bias else None)
+            # Autocast off: a backward run inside an autocast region must not compute an fp32
+            # model's dW in half precision, nor return db in another dtype than the inputs'.
+            with torch.autocast(device.type, enabled=False):
+                g = _torch_masked(grad, y, relu)
+                return (g.t() @ x if compute_weight else None), (g.sum(0) if compute_bias else None)
         tiles = cdiv(N, cfg.block_rows) * (cdiv(K, cfg.block_cols) if kernel_dw else 1)
         if chunks is None:
             chunks = choose_split(M, tiles, cfg.block_red, device) if M > 0 else 1

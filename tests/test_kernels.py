@@ -89,6 +89,24 @@ def test_fp32_follows_torch_matmul_precision(device, monkeypatch, precision, exp
     assert spy.launches[-1]["DOT_PRECISION"] == expected
 
 
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"),
+                    reason="this torch has no fp32_precision API")
+@pytest.mark.parametrize("setting,expected", [("tf32", "tf32"), ("ieee", "ieee")])
+def test_fp32_follows_the_newer_precision_api(device, monkeypatch, setting, expected):
+    """torch.backends.cuda.matmul.fp32_precision = "tf32" makes get_float32_matmul_precision()
+    raise; fastmlp reads the setting in a way that works with either API."""
+    spy = _KernelSpy(kernels.linear_act_fwd_kernel)
+    monkeypatch.setattr(kernels, "linear_act_fwd_kernel", spy)
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = setting
+    try:
+        F.linear_relu(*_problem(8, 8, 8, device)[:3])
+    finally:
+        matmul.fp32_precision = previous
+    assert spy.launches[-1]["DOT_PRECISION"] == expected
+
+
 def test_poisoned_outputs_catch_an_unwritten_tile(device, monkeypatch):
     """With one program dropped, the NaN poison shows up: the net the other tests rely on works."""
     assert debug.POISON_OUTPUTS
@@ -122,6 +140,21 @@ def test_offset_dtype_switches_for_huge_strides():
     assert kernels._offset_dtype(Fake(1024, 1)) == tl.int32
     assert kernels._offset_dtype(Fake(2**23, 1)) == tl.int64
     assert kernels._offset_dtype(Fake(1, 1), extra_strides=(2**23,)) == tl.int64
+
+
+def test_huge_bias_stride_takes_int64_offsets(device, monkeypatch):
+    """A bias viewed with a stride of 2**23 elements: rn * stride_b passes int32 within a tile,
+    so the forward launch takes int64 tile offsets, and reads the right elements."""
+    spy = _KernelSpy(kernels.linear_act_fwd_kernel)
+    monkeypatch.setattr(kernels, "linear_act_fwd_kernel", spy)
+    stride, N = 2**23, 3
+    storage = torch.randn((N - 1) * stride + 1, device=device)
+    b = storage.as_strided((N,), (stride,))
+    x, w, _, _ = _problem(5, 7, N, device)
+    y = F.linear_relu(x, w, b)
+    assert spy.launches[-1]["OFFSET_DTYPE"] == tl.int64
+    want = torch.relu(x.double().cpu() @ w.double().cpu().t() + b.double().cpu())
+    assert_close(y, want, torch.float32, "y")
 
 
 @pytest.mark.gpu
@@ -173,6 +206,25 @@ def test_torch_gemm_candidate_matches(device, monkeypatch, activation, bias):
     if bias:
         assert_close(b.grad, rdb, torch.float32, "db")
     assert len(leaves) == 3 if bias else 2
+
+
+def test_torch_gemm_candidate_ignores_autocast_in_backward(device, monkeypatch):
+    """An fp32 layer whose backward runs inside an autocast region (loss.backward() under
+    autocast, which PyTorch discourages but allows) still gets fp32-exact gradients."""
+    from fastmlp.kernels import tuning
+
+    monkeypatch.setattr(tuning, "pick_config", lambda key, candidates, dev, run: tuning.TORCH_GEMM)
+    x, w, b, g = _problem(41, 30, 22, device)
+    w.requires_grad_()
+    b.requires_grad_()
+    y = F.linear_relu(x, w, b)
+    low = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.autocast(device, dtype=low):
+        y.backward(g)
+    _, _, rdw, rdb = reference(x, w, b, "relu", g)
+    assert w.grad.dtype == b.grad.dtype == torch.float32
+    assert_close(w.grad, rdw, torch.float32, "dW")
+    assert_close(b.grad, rdb, torch.float32, "db")
 
 
 def test_gpu_candidates_end_with_the_torch_gemm(monkeypatch):

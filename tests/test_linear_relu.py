@@ -306,6 +306,26 @@ def test_zero_in_features_and_zero_out_features(impl):
     assert torch.equal(x2.grad, torch.zeros_like(x2))
 
 
+def test_empty_three_dimensional_inputs(impl):
+    """Leading dimensions with an empty feature dimension: [2, 3, 0] inputs, and [2, 3, K]
+    inputs into 0 outputs, reshape like nn.Linear's (reshape(-1, 0) cannot)."""
+    x = torch.randn(2, 3, 0, device=impl, requires_grad=True)
+    w = torch.randn(5, 0, device=impl, requires_grad=True)
+    b = torch.randn(5, device=impl, requires_grad=True)
+    grad_out = torch.randn(2, 3, 5, device=impl)
+    y = F.linear_relu(x, w, b)
+    y.backward(grad_out)
+    assert y.shape == (2, 3, 5) and x.grad.shape == (2, 3, 0)
+    assert torch.equal(y.detach().cpu(), torch.relu(b.detach().cpu()).expand(2, 3, 5))
+    assert_close(b.grad, (grad_out * (y > 0)).sum((0, 1)).double().cpu(), torch.float32, "db")
+    x2 = torch.randn(2, 3, 4, device=impl, requires_grad=True)
+    w2 = torch.randn(0, 4, device=impl, requires_grad=True)
+    y2 = F.linear_relu(x2, w2, torch.randn(0, device=impl))
+    assert y2.shape == (2, 3, 0)
+    y2.sum().backward()
+    assert torch.equal(x2.grad, torch.zeros_like(x2)) and w2.grad.shape == (0, 4)
+
+
 def test_expanded_input_with_stride_zero(impl):
     """A broadcast (stride-0) input is read as is, no copy needed."""
     row = torch.randn(1, 21, device=impl)
