@@ -31,7 +31,7 @@ def _run(x, w, b, activation, grad_out):
     return y, x.grad, w.grad, (b.grad if b is not None else None)
 
 
-def _check_all(x, w, b, activation, dtype, what):
+def _check_all(x, w, b, activation, dtype, what, tol=None):
     grad_out = torch.randn(*x.shape[:-1], w.shape[0], device=x.device).to(dtype)
     leaves = [t for t in (x, w, b) if t is not None]
     for t in leaves:
@@ -39,11 +39,11 @@ def _check_all(x, w, b, activation, dtype, what):
     y, dx, dw, db = _run(x, w, b, activation, grad_out)
     ry, rdx, rdw, rdb = reference(x, w, b, activation, grad_out)
     assert y.dtype == dtype and y.shape == ry.shape
-    assert_close(y, ry, dtype, f"{what} forward")
-    assert_close(dx, rdx, dtype, f"{what} dX")
-    assert_close(dw, rdw, dtype, f"{what} dW")
+    assert_close(y, ry, dtype, f"{what} forward", tol)
+    assert_close(dx, rdx, dtype, f"{what} dX", tol)
+    assert_close(dw, rdw, dtype, f"{what} dW", tol)
     if b is not None:
-        assert_close(db, rdb, dtype, f"{what} db")
+        assert_close(db, rdb, dtype, f"{what} db", tol)
 
 
 SHAPES = [  # (leading dims of X, K, N)
@@ -72,26 +72,50 @@ def test_without_bias(impl, dtype):
     _check_all(x, w, None, "relu", dtype, "no bias")
 
 
-@pytest.mark.parametrize("layout", ["x_transposed", "x_sliced", "w_transposed", "w_sliced", "bias_strided"])
-def test_strided_and_transposed_inputs(impl, layout):
-    dtype = torch.float32
-    M, K, N = 33, 40, 21
-    x = torch.randn(M, K, device=impl)
-    w = torch.randn(N, K, device=impl) / K ** 0.5
-    b = torch.randn(N, device=impl)
+LAYOUTS = ["x_transposed", "x_sliced", "w_transposed", "w_sliced", "bias_strided"]
+
+
+def _layout_inputs(layout, device, dtype, M=33, K=40, N=21):
+    """Fresh random x [M, K], w [N, K], b [N] of `dtype`, one of them in the given layout."""
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+    x, w, b = randn(M, K), randn(N, K, scale=K ** -0.5), randn(N)
     if layout == "x_transposed":
-        x = torch.randn(K, M, device=impl).t()
+        x = randn(K, M).t()
     elif layout == "x_sliced":
-        x = torch.randn(M * 2, K * 3, device=impl)[::2, 1::3]
+        x = randn(M * 2, K * 3)[::2, 1::3]
     elif layout == "w_transposed":
-        w = (torch.randn(K, N, device=impl) / K ** 0.5).t()
+        w = randn(K, N, scale=K ** -0.5).t()
     elif layout == "w_sliced":
-        w = (torch.randn(N, 2 * K, device=impl) / K ** 0.5)[:, ::2]
+        w = randn(N, 2 * K, scale=K ** -0.5)[:, ::2]
     elif layout == "bias_strided":
-        b = torch.randn(2 * N, device=impl)[::2]
-    x, w, b = x.detach(), w.detach(), b.detach()
+        b = randn(2 * N)[::2]
     assert not (x.is_contiguous() and w.is_contiguous() and b.is_contiguous())
-    _check_all(x, w, b, "relu", dtype, layout)
+    return x, w, b
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_strided_and_transposed_inputs(impl, layout):
+    x, w, b = _layout_inputs(layout, impl, torch.float32)
+    _check_all(x, w, b, "relu", torch.float32, layout)
+
+
+@pytest.mark.parametrize("mode", ["tf32", "bf16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_strided_and_transposed_inputs_on_matrix_units(impl, layout, mode):
+    """The same layouts through the paths a GPU runs on its matrix units: fp32 with TF32
+    allowed, and bf16 (wgmma on Hopper, which takes a column-major operand through a transpose
+    of its own)."""
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    x, w, b = _layout_inputs(layout, impl, dtype)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+    try:
+        # TF32 keeps 10 mantissa bits: ~3e-4 relative error at this size, under 2e-3.
+        _check_all(x, w, b, "relu", dtype, f"{layout} {mode}", tol=2e-3 if mode == "tf32" else None)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @pytest.mark.parametrize("upstream", ["expanded", "transposed"])
