@@ -9,12 +9,11 @@ here, so that pytest-benchmark and python -m bench time exactly the same calls.
 import time
 from typing import Optional, Tuple
 
-import pytest
 import torch
 
 from bench import timing
 from bench.cases import Case
-from bench.loops import Unavailable, build_epoch, epoch_data
+from bench.loops import build_epoch, epoch_data
 from bench.variants import build, case_data, precision, reference_model
 
 _cache: dict = {}
@@ -52,11 +51,8 @@ def run(benchmark, case: Case, variant: str, target_s: float = 1.0,
                                 min_bytes=cost.min_bytes)
     with precision(case.dtype):
         reference, data = _inputs(case, device)
-        try:
-            runnable = build_epoch(case, variant, device, data) if case.kind == "epoch" else \
-                build(case, variant, reference, data)
-        except Unavailable as exc:
-            pytest.skip(str(exc))
+        runnable = build_epoch(case, variant, device, data) if case.kind == "epoch" else \
+            build(case, variant, reference, data)
 
         def target():
             runnable.fn()

@@ -11,9 +11,7 @@
 
 All of them shuffle (a loop that never shuffles is not training); the data starts on the CPU, as in
 the seed, where it came from numpy. Each timed call is one whole epoch; the first epoch (compile,
-autotune, graph capture) is a warm-up and is reported separately as first_call_s. fastmlp's loop
-parts arrive with the training-loop issue: until fastmlp has fit, TensorLoader and SGD, the
-fastmlp variant reports itself as unavailable instead of timing anything else under its name.
+autotune, graph capture) is a warm-up and is reported separately as first_call_s.
 """
 
 import torch
@@ -25,16 +23,6 @@ from bench.cases import Case
 from bench.variants import SEED_LR, Runnable, reference_model
 
 EPOCH_VARIANTS = ("fastmlp", "stock-dataloader", "stock-dataloader+compile-ro", "fastmlp-parts")
-LOOP_API = ("fit", "TensorLoader", "SGD")
-
-
-class Unavailable(RuntimeError):
-    """The variant cannot run with this fastmlp (a part of its API has not landed yet)."""
-
-
-def missing_loop_api() -> list:
-    """Names of fastmlp's training-loop API that this installation lacks."""
-    return [name for name in LOOP_API if not hasattr(fastmlp, name)]
 
 
 def epoch_data(case: Case):
@@ -53,9 +41,6 @@ def build_epoch(case: Case, name: str, device: torch.device, data) -> Runnable:
     last = {"loss": float("nan")}
 
     if name == "fastmlp":
-        missing = missing_loop_api()
-        if missing:
-            raise Unavailable(f"fastmlp has no {', '.join(missing)} yet (training-loop issue)")
         model = fastmlp.fuse(model)
         loader = fastmlp.TensorLoader(x, y, batch_size=case.batch, shuffle=True, device=device)
         optimizer = fastmlp.SGD(model.parameters(), lr=SEED_LR)
@@ -63,8 +48,7 @@ def build_epoch(case: Case, name: str, device: torch.device, data) -> Runnable:
         def epoch():
             history = fastmlp.fit(model, loader, loss_fn, optimizer, epochs=1, cuda_graph="auto",
                                   progress=False)
-            losses = history["loss"] if isinstance(history, dict) else []
-            last["loss"] = float(losses[-1]) if len(losses) else float("nan")
+            last["loss"] = history["loss"][-1]
 
         return Runnable(epoch, notes="fastmlp.fit(cuda_graph='auto') + TensorLoader + fuse + fastmlp.SGD; "
                                      "final_loss is fit's history['loss'][-1] (its per-epoch figure), "
@@ -72,9 +56,6 @@ def build_epoch(case: Case, name: str, device: torch.device, data) -> Runnable:
                         output=lambda: torch.tensor(last["loss"]))
 
     if name == "fastmlp-parts":
-        missing = [n for n in ("TensorLoader", "SGD") if not hasattr(fastmlp, n)]
-        if missing:
-            raise Unavailable(f"fastmlp has no {', '.join(missing)} yet (training-loop issue)")
         model = fastmlp.fuse(model)
         loader = fastmlp.TensorLoader(x, y, batch_size=case.batch, shuffle=True, device=device)
         optimizer = fastmlp.SGD(model.parameters(), lr=SEED_LR)
@@ -109,4 +90,4 @@ def build_epoch(case: Case, name: str, device: torch.device, data) -> Runnable:
     return Runnable(epoch, notes=notes, output=lambda: torch.tensor(last["loss"]))
 
 
-__all__ = ["EPOCH_VARIANTS", "Unavailable", "build_epoch", "epoch_data", "missing_loop_api"]
+__all__ = ["EPOCH_VARIANTS", "build_epoch", "epoch_data"]

@@ -1,7 +1,7 @@
 """Turn a results dict into the printed table, results.json, results.csv and README-table.md.
 
 Every cell comes from the results dict of one run; nothing here measures, and nothing invents a
-figure: a variant without a measurement shows why (skipped, error, unavailable) instead of a number.
+figure: a variant without a measurement shows why (skipped, error) instead of a number.
 """
 
 import csv
@@ -13,7 +13,7 @@ CSV_FIELDS = ("id", "workload", "shape", "pass", "dtype", "flops", "min_bytes", 
               "median_ms", "q20_ms", "q80_ms", "min_ms", "samples", "method", "first_call_s",
               "peak_mem_mib", "graphed_median_ms", "tflops", "pct_of_peak", "speedup_of_fastmlp",
               "max_rel_err", "parity_ok", "final_loss", "reason")
-_MISSING = {"skipped": "skip", "error": "err", "unavailable": "n/a"}
+_MISSING = {"skipped": "skip", "error": "err"}
 
 
 # The report's tables: kernels (layers and models) and the training loop, each with its own baselines.
@@ -148,7 +148,7 @@ def summary_markdown(results: dict, date: str) -> str:
         "Times are medians in ms of many synchronised calls after warm-up (epochs: whole epochs, "
         "first epoch excluded); × = baseline median / fastmlp median from the same run (above 1: "
         "fastmlp is faster); TFLOP/s counts GEMM FLOPs only; skip = over a time/compile budget, "
-        "err = the variant failed (see results.json), n/a = not available in this fastmlp, "
+        "err = the variant failed (see results.json), "
         "† = forward output off the fp32 reference by more than the dtype's tolerance.",
     ]
     graphed = graphed_table(results)

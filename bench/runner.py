@@ -3,7 +3,7 @@
 Honesty rules this file enforces: all variants of a case run in the same process, one after
 another, on the same inputs; warm-up (first call: compile, autotune, JIT) is timed separately and
 never mixed into the steady-state figures; speedups and TFLOP/s are computed from this run's
-medians only; a variant that fails, is unavailable or is skipped for a budget is recorded as such,
+medians only; a variant that fails or is skipped for a budget is recorded as such,
 with no figure.
 """
 
@@ -14,11 +14,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-import fastmlp
 from bench import costs, environment
 from bench import timing as timers
 from bench.cases import Case, catalogue
-from bench.loops import EPOCH_VARIANTS, Unavailable, build_epoch, epoch_data, missing_loop_api
+from bench.loops import EPOCH_VARIANTS, build_epoch, epoch_data
 from bench.peak import measure_matmul_peak
 from bench.variants import (COMPILE_MODES, LAYER_VARIANTS, Runnable, build, case_data, precision,
                             reference_model)
@@ -182,9 +181,6 @@ def run_case(case: Case, device: torch.device, opts: RunOptions, budget: _Budget
                         entry["max_rel_err"] = float(err)
                         entry["parity_ok"] = bool(err <= PARITY_RTOL[case.dtype])
             log(f"  {name:<28} {entry['median_ms']:10.4f} ms  (first call {entry['first_call_s']:.2f} s)")
-        except Unavailable as exc:
-            entry = empty_variant("unavailable", str(exc))
-            log(f"  {name:<28} unavailable: {exc}")
         except Exception as exc:  # one failing variant must not cost the whole report
             entry = empty_variant("error", _describe(exc))
             entry["notes"] = traceback.format_exc(limit=3)[-1500:]
@@ -257,9 +253,6 @@ def run_suite(opts: RunOptions, log: Callable[[str], None] = print,
         "versions": environment.versions(),
         "options": {**asdict(opts), "timing": asdict(opts.timing)},
         "fastmlp_path": describe_fastmlp_path(device),
-        "loop_api_missing": missing_loop_api(),
-        "fastmlp_has": {name: hasattr(fastmlp, name) for name in
-                        ("functional", "FusedLinearReLU", "fuse", "TensorLoader", "SGD", "fit")},
         "peak": peaks,
         "datasheet": costs.H100_SXM_DATASHEET,
         "compile_spent_s": 0.0,
