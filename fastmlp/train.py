@@ -339,58 +339,51 @@ class _GraphStep:
         self.keepalive = ()       # tensors and SGD plans the graph points into
         self.side_stream = None   # made on first use, on the model's device
 
-    def state(self) -> tuple:
-        """(hyperparameters, addresses of parameters, gradients and optimizer state)."""
-        optimizer = self.optimizer
-        addresses = []
-        params = [p for g in optimizer.param_groups for p in g["params"]]
+    def _referenced(self) -> list:
+        """What a captured step reads or writes outside its own memory pool: the optimizer's and
+        the model's parameters, each followed by its gradient (None if unset) and the
+        optimizer's state tensors for it."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         model = self._model()
         if model is not None:
             params += list(model.parameters())
-        for p in params:
-            addresses.append(p.data_ptr())
-            addresses.append(p.grad.data_ptr() if p.grad is not None else 0)
-            for value in optimizer.state.get(p, {}).values():
-                if isinstance(value, torch.Tensor):
-                    addresses.append(value.data_ptr())
-        return _hparams(optimizer), tuple(addresses)
-
-    def _tensors(self) -> list:
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         out = []
         for p in params:
-            out.append(p)
-            if p.grad is not None:
-                out.append(p.grad)
-            out.extend(v for v in self.optimizer.state.get(p, {}).values()
-                       if isinstance(v, torch.Tensor))
-        launcher = getattr(self.optimizer, "_launcher", None)   # fastmlp.SGD's kernel tables
-        if launcher is not None:
-            out.extend(launcher._plans.values())
+            out += [p, p.grad]
+            out += [v for v in self.optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
         return out
 
-    def _settle(self, before: tuple, now: tuple) -> bool:
-        """True if a graph made in state `before` is right for state `now`.
+    def _held_by_graph(self) -> tuple:
+        """The tensors a captured graph points into, and fastmlp.SGD's pointer tables, whose
+        small cache could otherwise free one the graph reads."""
+        launcher = getattr(self.optimizer, "_launcher", None)
+        plans = tuple(launcher._plans.values()) if launcher is not None else ()
+        return tuple(t for t in self._referenced() if t is not None) + plans
 
-        Same addresses and only float lrs of fastmlp.SGD changed: the new lrs are written into
-        the tensors its kernel reads (sync_lr), which a graph reads at every replay.
-        """
-        if before == now:
-            return True
-        if before[1] == now[1] and hasattr(self.optimizer, "sync_lr") and \
-                _lr_only_change(before[0], now[0]):
+    def state(self) -> tuple:
+        """(hyperparameters, addresses of parameters, gradients and optimizer state)."""
+        addresses = tuple(0 if t is None else t.data_ptr() for t in self._referenced())
+        return _hparams(self.optimizer), addresses
+
+    def _sync_lr(self) -> None:
+        """fastmlp.SGD: write the current lrs into the device tensors its kernel (and so a graph
+        replay) reads; a changed float lr then needs no re-capture."""
+        if hasattr(self.optimizer, "sync_lr"):
             self.optimizer.sync_lr()
-            return True
-        return False
+
+    def _compatible(self, before: tuple, now: tuple) -> bool:
+        """True if a step captured (or warmed up) in state `before` is right in state `now`:
+        the same, or the same addresses with only fastmlp.SGD float lrs changed (synced)."""
+        return before == now or (before[1] == now[1] and hasattr(self.optimizer, "sync_lr")
+                                 and _lr_only_change(before[0], now[0]))
 
     def revalidate(self) -> None:
         """Keep the captured graph only if nothing it baked in has changed (see the class)."""
         if self.graph is None:
             return
-        if hasattr(self.optimizer, "sync_lr"):
-            self.optimizer.sync_lr()   # lrs held in tensors elsewhere may have changed in place
+        self._sync_lr()
         now = self.state()
-        if self._settle(self.captured_state, now):
+        if self._compatible(self.captured_state, now):
             self.captured_state = now
             return
         self.graph = None
@@ -400,7 +393,8 @@ class _GraphStep:
     def rewarm_if_changed(self) -> None:
         """Right before a capture: warm up again if something changed since the warm-up (an
         epoch boundary may lie between them, and a callback may have run there)."""
-        if self.warm_state is None or not self._settle(self.warm_state, self.state()):
+        self._sync_lr()
+        if self.warm_state is None or not self._compatible(self.warm_state, self.state()):
             self.warmup_left = max(self.warmup_left, self.REWARM_STEPS)
 
     def warmup_step(self, inputs, target, eager_step):
@@ -431,7 +425,7 @@ class _GraphStep:
             optimizer.step()
             self.loss_sum.add_(loss.detach().float())
         self.captured_state = self.state()
-        self.keepalive = tuple(self._tensors())
+        self.keepalive = self._held_by_graph()
 
     def replay(self, inputs, target):
         """Copy the batch into the static inputs and replay the captured step."""

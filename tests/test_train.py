@@ -282,7 +282,7 @@ def test_capture_waits_for_a_second_warmup_after_a_change():
 def test_graph_keeps_its_tensors_and_sgd_tables_alive(triton_backend, device):
     step, model, opt = _graph_step(device=device, momentum=0.9)
     assert opt._launcher is not None and opt._launcher._plans
-    held = step._tensors()
+    held = step._held_by_graph()
     for p in model.parameters():
         assert any(t is p.grad for t in held)
         assert any(t is opt.state[p]["momentum_buffer"] for t in held)
