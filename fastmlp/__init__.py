@@ -16,7 +16,7 @@ from fastmlp import functional  # noqa: E402
 from fastmlp.backend import get_backend, set_backend, use_backend  # noqa: E402
 from fastmlp.data import TensorLoader  # noqa: E402
 from fastmlp.nn import FusedLinear, FusedLinearReLU, fuse  # noqa: E402
-from fastmlp.ops import FusedLinearFunction  # noqa: E402
+from fastmlp.ops import ACTIVATIONS, FusedLinearFunction  # noqa: E402
 from fastmlp.optim import SGD  # noqa: E402
 from fastmlp.train import fit  # noqa: E402
 from fastmlp.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -24,6 +24,7 @@ from fastmlp.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "ACTIVATIONS",
     "functional",
     "FusedLinear",
     "FusedLinearReLU",

@@ -150,3 +150,8 @@ def pick_config(key: tuple, candidates: List, device: torch.device, run: Callabl
     best = min(timings, key=lambda t: t[0])[1]
     _best[key] = best
     return best
+
+
+def chosen_configs() -> Dict[tuple, object]:
+    """What the autotuner has picked so far, key -> config (or TORCH_GEMM): for reports."""
+    return dict(_best)
