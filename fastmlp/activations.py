@@ -1,0 +1,229 @@
+"""The activations fastmlp fuses into a Linear: one row each, everything said about it in one place.
+
+A row says, for one activation:
+
+* ``name``: the public name (``fastmlp.ACTIVATIONS``) and the kernels' ``ACTIVATION`` constexpr
+  (its jit forward and derivative live in ``fastmlp/kernels/activations.py``);
+* ``saves(alpha)``: what backward needs besides X and W: ``"output"`` (Y, which the layer returns
+  anyway, so it costs no extra memory), ``"preact"`` (the pre-activation Z, written by the forward
+  kernel as a second output only when autograd will need it), or ``"nothing"``;
+* ``torch_forward(z, alpha)`` / ``torch_backward(grad, saved, alpha)``: torch's own forward and
+  backward ops, the reference the kernels are tested against and the implementation of fastmlp's
+  torch backend (CPU, float64 on GPUs, meta tensors);
+* ``module`` and ``match_module(m)``: the nn module it replaces (``fuse``, ``FusedLinear(activation=nn.GELU())``);
+* ``functions``, ``methods`` and ``match_call(args, kwargs)``: the functional spellings that
+  ``fuse`` finds in a traced ``forward`` (``F.gelu(h)``, ``torch.tanh(h)``, ``h.relu()``).
+
+Extra bytes saved for backward per output element (16-bit / fp32): relu, sigmoid, tanh,
+leaky_relu with a slope > 0: 0 (Y is the output); gelu, gelu_tanh, silu, leaky_relu with a slope
+<= 0: 2 / 4 (Z); none: 0.
+
+Adding an activation: its jit functions and a branch in each dispatcher in
+``fastmlp/kernels/activations.py``, a row here, and its name in the tests' parameter list.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+aten = torch.ops.aten
+
+# What a row's match functions return: the activation's parameter (alpha) if the module or call
+# is this activation, else None.
+_NO_MATCH = None
+
+
+@dataclass(frozen=True)
+class Activation:
+    name: str
+    torch_forward: Callable[[torch.Tensor, float], torch.Tensor]
+    torch_backward: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    saves: Callable[[float], str]
+    module: Optional[type] = None
+    match_module: Callable[[nn.Module], Optional[float]] = lambda m: 0.0
+    functions: Tuple[Callable, ...] = ()
+    methods: Tuple[str, ...] = ()
+    match_call: Callable[[tuple, dict], Optional[float]] = lambda args, kwargs: 0.0
+    default_alpha: float = 0.0
+    doc: str = field(default="", compare=False)
+
+
+def _always(what: str) -> Callable[[float], str]:
+    return lambda alpha: what
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default):
+    """A call's argument after the input, by position (index counts from the input's neighbour)
+    or by keyword."""
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+def _gelu_call(approximate: str):
+    def match(args, kwargs):
+        return 0.0 if _arg(args, kwargs, 0, "approximate", "none") == approximate else _NO_MATCH
+    return match
+
+
+def _leaky_slope_of_call(args, kwargs):
+    slope = _arg(args, kwargs, 0, "negative_slope", 0.01)
+    return float(slope) if isinstance(slope, (int, float)) else _NO_MATCH
+
+
+_ROWS = (
+    Activation(
+        name="relu",
+        torch_forward=lambda z, a: torch.relu(z),
+        # threshold_backward: 0 where Y <= 0 (pre-activation exactly 0 included), NaN passes.
+        torch_backward=lambda g, y, a: aten.threshold_backward(g, y, 0),
+        saves=_always("output"),
+        module=nn.ReLU,
+        functions=(F.relu, torch.relu, torch.relu_, F.relu_),
+        methods=("relu", "relu_"),
+        doc="max(z, 0), NaN kept"),
+    Activation(
+        name="leaky_relu",
+        torch_forward=lambda z, a: F.leaky_relu(z, a),
+        # With a positive slope Y > 0 exactly where Z > 0, so Y serves (self_is_result=True).
+        torch_backward=lambda g, s, a: aten.leaky_relu_backward(g, s, a, a > 0),
+        saves=lambda a: "output" if a > 0 else "preact",
+        module=nn.LeakyReLU,
+        match_module=lambda m: float(m.negative_slope),
+        functions=(F.leaky_relu, F.leaky_relu_, torch._C._nn.leaky_relu),
+        match_call=_leaky_slope_of_call,
+        default_alpha=0.01,
+        doc="z if z > 0 else negative_slope * z"),
+    Activation(
+        name="gelu",
+        torch_forward=lambda z, a: F.gelu(z),
+        torch_backward=lambda g, z, a: aten.gelu_backward(g, z),
+        saves=_always("preact"),
+        module=nn.GELU,
+        match_module=lambda m: 0.0 if m.approximate == "none" else _NO_MATCH,
+        functions=(F.gelu,),
+        match_call=_gelu_call("none"),
+        doc="z * Phi(z), erf form (torch's default)"),
+    Activation(
+        name="gelu_tanh",
+        torch_forward=lambda z, a: F.gelu(z, approximate="tanh"),
+        torch_backward=lambda g, z, a: aten.gelu_backward(g, z, approximate="tanh"),
+        saves=_always("preact"),
+        module=nn.GELU,
+        match_module=lambda m: 0.0 if m.approximate == "tanh" else _NO_MATCH,
+        functions=(F.gelu,),
+        match_call=_gelu_call("tanh"),
+        doc="GELU's tanh approximation (approximate='tanh')"),
+    Activation(
+        name="silu",
+        torch_forward=lambda z, a: F.silu(z),
+        torch_backward=lambda g, z, a: aten.silu_backward(g, z),
+        saves=_always("preact"),
+        module=nn.SiLU,
+        functions=(F.silu,),
+        doc="z * sigmoid(z)"),
+    Activation(
+        name="sigmoid",
+        torch_forward=lambda z, a: torch.sigmoid(z),
+        torch_backward=lambda g, y, a: aten.sigmoid_backward(g, y),
+        saves=_always("output"),
+        module=nn.Sigmoid,
+        functions=(torch.sigmoid, F.sigmoid),
+        methods=("sigmoid",),
+        doc="1 / (1 + exp(-z))"),
+    Activation(
+        name="tanh",
+        torch_forward=lambda z, a: torch.tanh(z),
+        torch_backward=lambda g, y, a: aten.tanh_backward(g, y),
+        saves=_always("output"),
+        module=nn.Tanh,
+        functions=(torch.tanh, F.tanh),
+        methods=("tanh",),
+        doc="tanh(z)"),
+    Activation(
+        name="none",
+        torch_forward=lambda z, a: z,
+        torch_backward=lambda g, s, a: g,
+        saves=_always("nothing"),
+        module=nn.Identity,
+        doc="no activation"),
+)
+
+TABLE = {row.name: row for row in _ROWS}
+ACTIVATIONS = tuple(TABLE)
+
+
+def get(name: str) -> Activation:
+    """The row for `name` (a ValueError naming the choices otherwise)."""
+    try:
+        return TABLE[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"fastmlp: unknown activation {name!r}; expected one of {ACTIVATIONS} "
+                         f"or None") from None
+
+
+def from_module(module: nn.Module) -> Optional[Tuple[str, float]]:
+    """(name, alpha) if `module` is exactly one of the torch modules a row matches, else None.
+
+    Exact types only: a subclass of nn.ReLU may compute something else. nn.Identity is not an
+    activation to fuse (it matches "none" only through ``resolve``).
+    """
+    for row in _ROWS:
+        if row.module is not None and row.name != "none" and type(module) is row.module:
+            alpha = row.match_module(module)
+            if alpha is not _NO_MATCH:
+                return row.name, alpha
+    return None
+
+
+def from_call(kind: str, target, args: tuple, kwargs: dict) -> Optional[Tuple[str, float]]:
+    """(name, alpha) if a traced call applies a supported activation to its first argument.
+
+    kind is torch.fx's node op: "call_function" (target a function such as F.gelu) or
+    "call_method" (target a Tensor method name such as "relu"); args exclude the input.
+    """
+    for row in _ROWS:
+        if (kind == "call_function" and any(target is f for f in row.functions)) or \
+                (kind == "call_method" and target in row.methods):
+            alpha = row.match_call(args, kwargs)
+            if alpha is not _NO_MATCH:
+                return row.name, alpha
+    return None
+
+
+def resolve(activation) -> Tuple[str, float]:
+    """(name, alpha) from what the public API takes: None, a name, or a torch module instance."""
+    if activation is None:
+        return "none", 0.0
+    if isinstance(activation, str):
+        row = get(activation)
+        return row.name, row.default_alpha
+    if isinstance(activation, nn.Module):
+        if type(activation) is nn.Identity:
+            return "none", 0.0
+        found = from_module(activation)
+        if found is None:
+            raise ValueError(
+                f"fastmlp: activation module {activation!r} is not one fastmlp fuses; expected "
+                f"one of nn.ReLU(), nn.LeakyReLU(slope), nn.GELU(), nn.GELU(approximate='tanh'), "
+                f"nn.SiLU(), nn.Sigmoid(), nn.Tanh(), or a name from {ACTIVATIONS}")
+        return found
+    raise TypeError(f"fastmlp: activation must be None, a name from {ACTIVATIONS} or a torch "
+                    f"activation module, got {type(activation).__name__}")
+
+
+def check(name: str, alpha: float) -> Activation:
+    """The row for a (name, alpha) pair that reached an op directly; clear errors otherwise."""
+    row = get(name)
+    if not isinstance(alpha, (int, float)) or alpha != alpha or alpha in (float("inf"), float("-inf")):
+        raise ValueError(f"fastmlp: activation parameter for {name!r} must be a finite float, "
+                         f"got {alpha!r}")
+    return row
+
+
+def describe(name: str, alpha: float) -> str:
+    """How repr shows an activation: "gelu", "leaky_relu(negative_slope=0.2)", "none"."""
+    return f"leaky_relu(negative_slope={alpha:g})" if name == "leaky_relu" else name
