@@ -89,8 +89,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _kernels():
     """Import the Triton launchers only when a Triton path runs (importing triton costs ~1 s)."""
-    from fastmlp.kernels import linear_relu
-    return linear_relu
+    from fastmlp.kernels import linear_act
+    return linear_act
 
 
 # --------------------------------------------------------------------------------------------

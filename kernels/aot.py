@@ -22,7 +22,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastmlp.kernels import linear_relu, tuning
+from fastmlp.kernels import linear_act, tuning
 
 # Shared memory a block may use (bytes): A100 (sm_80) and H100 (sm_90).
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
@@ -62,14 +62,14 @@ def _ptxas(arch: int) -> str:
 # Per kernel: which block-size constexprs take the config's (rows, cols, reduction), and which
 # stride arguments are 1 for contiguous operands.
 _KERNELS = {
-    "forward": (linear_relu.linear_act_fwd_kernel, ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    "forward": (linear_act.linear_act_fwd_kernel, ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
                 ("stride_xk", "stride_wk", "stride_b", "stride_yn"),
-                dict(HAS_BIAS=True, RELU=True)),
-    "grad_input": (linear_relu.linear_act_grad_input_kernel, ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
-                   ("stride_gn", "stride_wk", "stride_dxk"), dict(RELU=True)),
-    "grad_weight": (linear_relu.linear_act_grad_weight_kernel, ("BLOCK_N", "BLOCK_K", "BLOCK_M"),
+                dict(HAS_BIAS=True, ACTIVATION="relu", ALPHA=0.0, SAVE_PREACT=False)),
+    "grad_input": (linear_act.linear_act_grad_input_kernel, ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
+                   ("stride_gn", "stride_wk", "stride_dxk"), dict(ACTIVATION="relu", ALPHA=0.0)),
+    "grad_weight": (linear_act.linear_act_grad_weight_kernel, ("BLOCK_N", "BLOCK_K", "BLOCK_M"),
                     ("stride_gn", "stride_xk", "stride_dwk"),
-                    dict(RELU=True, COMPUTE_DW=True, COMPUTE_DB=True)),
+                    dict(ACTIVATION="relu", ALPHA=0.0, COMPUTE_DW=True, COMPUTE_DB=True)),
 }
 
 

@@ -5,7 +5,7 @@ import torch
 import triton.language as tl
 
 from fastmlp import functional as F
-from fastmlp.kernels import debug, linear_relu as kernels
+from fastmlp.kernels import debug, linear_act as kernels
 from reference import assert_close, reference
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
@@ -23,8 +23,8 @@ def _problem(M, K, N, device, dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("split", [1, 2, 3, 5])
 def test_grad_weight_row_split(device, split):
     x, w, b, g = _problem(150, 40, 36, device)
-    y = kernels.linear_act_forward(x, w, b, "relu", False)
-    dw, db = kernels.linear_act_grad_weight(g, y, x, "relu", True, True, False, split=split)
+    y, _ = kernels.linear_act_forward(x, w, b, "relu", 0.0, False, False)
+    dw, db = kernels.linear_act_grad_weight(g, y, x, "relu", 0.0, True, True, False, split=split)
     _, _, rdw, rdb = reference(x, w, b, "relu", g)
     assert_close(dw, rdw, torch.float32, f"dW split={split}")
     assert_close(db, rdb, torch.float32, f"db split={split}")
@@ -33,8 +33,8 @@ def test_grad_weight_row_split(device, split):
 @pytest.mark.parametrize("compute_weight,compute_bias", [(True, False), (False, True)])
 def test_grad_weight_only_what_is_asked(device, compute_weight, compute_bias):
     x, w, b, g = _problem(45, 19, 27, device)
-    y = kernels.linear_act_forward(x, w, b, "relu", False)
-    dw, db = kernels.linear_act_grad_weight(g, y, x, "relu", compute_weight, compute_bias, False, split=2)
+    y, _ = kernels.linear_act_forward(x, w, b, "relu", 0.0, False, False)
+    dw, db = kernels.linear_act_grad_weight(g, y, x, "relu", 0.0, compute_weight, compute_bias, False, split=2)
     _, _, rdw, rdb = reference(x, w, b, "relu", g)
     assert (dw is None) != compute_weight and (db is None) != compute_bias
     if compute_weight:
@@ -46,10 +46,10 @@ def test_grad_weight_only_what_is_asked(device, compute_weight, compute_bias):
 @pytest.mark.parametrize("split", [None, 3])
 def test_grad_weight_is_deterministic(device, split):
     x, w, b, g = _problem(300, 48, 40, device, dtype=torch.float16)
-    y = kernels.linear_act_forward(x, w, b, "relu", False)
-    first = kernels.linear_act_grad_weight(g, y, x, "relu", True, True, False, split=split)
+    y, _ = kernels.linear_act_forward(x, w, b, "relu", 0.0, False, False)
+    first = kernels.linear_act_grad_weight(g, y, x, "relu", 0.0, True, True, False, split=split)
     for _ in range(2):
-        again = kernels.linear_act_grad_weight(g, y, x, "relu", True, True, False, split=split)
+        again = kernels.linear_act_grad_weight(g, y, x, "relu", 0.0, True, True, False, split=split)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
@@ -113,7 +113,7 @@ def test_poisoned_outputs_catch_an_unwritten_tile(device, monkeypatch):
     monkeypatch.setattr(kernels, "linear_act_fwd_kernel",
                         _KernelSpy(kernels.linear_act_fwd_kernel, drop_last_program=True))
     x, w, b, _ = _problem(70, 20, 40, device)
-    y = kernels.linear_act_forward(x, w, b, "relu", False)
+    y, _ = kernels.linear_act_forward(x, w, b, "relu", 0.0, False, False)
     assert torch.isnan(y).any()
 
 
@@ -165,7 +165,7 @@ def test_int64_addressing_past_2_pow_31_elements():
     x[:-8].fill_(0.01)
     x[-8:] = torch.randn(8, K, device="cuda", dtype=torch.float16)
     w = torch.randn(N, K, device="cuda", dtype=torch.float16) / 32
-    y = kernels.linear_act_forward(x, w, None, "relu", False)
+    y, _ = kernels.linear_act_forward(x, w, None, "relu", 0.0, False, False)
     ref = torch.relu(x[-8:].double() @ w.double().t())
     assert_close(y[-8:], ref, torch.float16, "last rows")
 

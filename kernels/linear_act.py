@@ -1,15 +1,17 @@
-"""Fused Linear(+bias)(+ReLU) in Triton: forward, backward dX, backward dW + db.
+"""Fused Linear(+bias)+activation in Triton: forward, backward dX, backward dW + db.
 
-The math (X [M, K], W [N, K] in nn.Linear layout, b [N], G = dL/dY [M, N]):
+The math (X [M, K], W [N, K] in nn.Linear layout, b [N], G = dL/dY [M, N], act' the derivative):
 
-    forward   Y  = relu(X Wᵀ + b)            bias added to the fp32 accumulator, one rounding
-    dX        dX = (G ⊙ [Y > 0]) W            mask applied to each G tile as it is loaded
-    dW, db    dW = (G ⊙ [Y > 0])ᵀ X,  db = Σ_rows (G ⊙ [Y > 0])   same masked tiles, one kernel
+    forward   Z = X Wᵀ + b,  Y = act(Z)      bias and act applied to the fp32 accumulator, one rounding
+    dX        dX = (G ⊙ act'(S)) W           derivative applied to each G tile as it is loaded
+    dW, db    dW = (G ⊙ act'(S))ᵀ X,  db = Σ_rows (G ⊙ act'(S))   same tiles, one kernel
 
-The mask [Y > 0] is computed as "not Y <= 0", torch's own ReLU backward (threshold_backward):
-the gradient is 0 where the pre-activation was <= 0, exactly 0 included, and passes where Y is
-NaN (NaN <= 0 is false). The ReLU itself is ``where(acc < 0, 0, acc)``: NaN survives it, as in torch (a
-``maximum`` compiles to max.f32 on the GPU, which drops NaN).
+S is the tensor the activation's backward reads (``fastmlp/activations.py`` says which): the
+output Y (relu, sigmoid, tanh, leaky_relu with a positive slope) or the pre-activation Z (gelu,
+gelu_tanh, silu, leaky_relu with a slope <= 0), which the forward then stores as a second output,
+only when asked (SAVE_PREACT). The activations and their derivatives are jit functions in
+``kernels/activations.py`` selected by the ``ACTIVATION`` constexpr: nothing here is specific to
+one activation, and each (activation, dtype, config) compiles to its own kernel.
 
 Layout of this file: jit helpers, the three kernels, then their launchers. Every kernel takes
 arbitrary strides (no copies of transposed or sliced inputs) and forms addresses in int64, so
@@ -19,7 +21,12 @@ so that neighbouring programs reuse the same column tiles while they sit in L2 (
 dW + db are deterministic for a given config (the autotuner's pick can differ between processes):
 each program owns its output tile and walks its rows in a fixed order;
 when the output has too few tiles to fill the GPU (M >> N, K), the rows are split into SPLIT
-chunks whose fp32 partial sums are then added in a fixed order (a torch sum over the split axis).
+chunks whose fp32 partial sums are then added in a fixed order.
+
+The launchers take ``torch_impl``: a zero-argument callable from the caller (fastmlp/ops.py) that
+computes the same result(s) with torch's own ops. On GPUs it is one more autotuning candidate
+(tuning.TORCH_GEMM, cuBLAS + torch's pointwise op), so a fused layer is never slower than the plain
+path by more than timing noise, and the torch reference implementation exists once, in ops.py.
 """
 
 import functools
@@ -29,6 +36,7 @@ import triton
 import triton.language as tl
 
 from fastmlp.kernels import tuning
+from fastmlp.kernels.activations import activate, activation_grad
 from fastmlp.kernels.debug import new_output
 from fastmlp.kernels.launch import cdiv, on_first_tensors_device
 
@@ -72,18 +80,20 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward: Y = act(X Wᵀ + b)
+# Forward: Z = X Wᵀ + b, Y = act(Z)
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["M"])  # batch sizes vary: no recompiles
 def linear_act_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, ALPHA: tl.constexpr,
+    SAVE_PREACT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     OFFSET_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
+    """Z (stored only if SAVE_PREACT) has Y's strides: the launcher allocates both alike."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), _tiles(M, BLOCK_M), _tiles(N, BLOCK_N), GROUP)
     # Where this program's tiles start, in int64 (M * stride can pass 2**31); offsets inside a
     # tile are small and stay in OFFSET_DTYPE (int32 unless a stride is huge), which halves the
@@ -112,26 +122,29 @@ def linear_act_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(b_ptr + n0 * stride_b + rn * stride_b, mask=in_n, other=0.0)
         acc += bias.to(ACC_DTYPE)[None, :]
-    if RELU:
-        acc = tl.where(acc < 0, 0.0, acc)
-    y_ptrs = y_ptr + m0 * stride_ym + n0 * stride_yn + (rm[:, None] * stride_ym + rn[None, :] * stride_yn)
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+    out_offsets = m0 * stride_ym + n0 * stride_yn + (rm[:, None] * stride_ym + rn[None, :] * stride_yn)
+    out_mask = in_m[:, None] & in_n[None, :]
+    if SAVE_PREACT:
+        tl.store(z_ptr + out_offsets, acc.to(z_ptr.dtype.element_ty), mask=out_mask)
+    acc = activate(acc, ACTIVATION, ALPHA)
+    tl.store(y_ptr + out_offsets, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 # ----------------------------------------------------------------------------------------------
-# Backward dX = (G ⊙ [Y > 0]) W
+# Backward dX = (G ⊙ act'(S)) W
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["M"])  # batch sizes vary: no recompiles
 def linear_act_grad_input_kernel(
-    g_ptr, y_ptr, w_ptr, dx_ptr,
+    g_ptr, s_ptr, w_ptr, dx_ptr,
     M, N, K,
     stride_gm, stride_gn, stride_wn, stride_wk, stride_dxm, stride_dxk,
-    RELU: tl.constexpr,
+    ACTIVATION: tl.constexpr, ALPHA: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     OFFSET_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """G and Y have the same strides (the launcher makes it so): one offset tile serves both."""
+    """G and the saved S have the same strides (the launcher makes it so): one offset tile serves
+    both. S is not read for "none"."""
     pid_m, pid_k = _grouped_tile(tl.program_id(0), _tiles(M, BLOCK_M), _tiles(K, BLOCK_K), GROUP)
     m0 = pid_m.to(tl.int64) * BLOCK_M
     k0 = pid_k.to(tl.int64) * BLOCK_K
@@ -140,24 +153,25 @@ def linear_act_grad_input_kernel(
     rn = tl.arange(0, BLOCK_N).to(OFFSET_DTYPE)
     in_m = _in_bounds(rm, m0, M, BLOCK_M)
     in_k = _in_bounds(rk, k0, K, BLOCK_K)
-    gy_tile = rm[:, None] * stride_gm + rn[None, :] * stride_gn
+    gs_tile = rm[:, None] * stride_gm + rn[None, :] * stride_gn
     w_tile = rn[:, None] * stride_wn + rk[None, :] * stride_wk
     g_base = g_ptr + m0 * stride_gm
-    y_base = y_ptr + m0 * stride_gm
+    s_base = s_ptr + m0 * stride_gm
     w_base = w_ptr + k0 * stride_wk
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
     for n0 in range(0, N, BLOCK_N):
         in_n = rn < N - n0
         tile = in_m[:, None] & in_n[None, :]
-        g = tl.load(g_base + gy_tile, mask=tile, other=0.0)
-        if RELU:
-            y = tl.load(y_base + gy_tile, mask=tile, other=0.0)
-            g = tl.where(y <= 0, 0.0, g)
+        g = tl.load(g_base + gs_tile, mask=tile, other=0.0)
+        if ACTIVATION != "none":
+            # Masked lanes load g = 0 and S = 0, and every derivative keeps g = 0 there.
+            saved = tl.load(s_base + gs_tile, mask=tile, other=0.0)
+            g = activation_grad(g, saved, ACTIVATION, ALPHA)
         w = tl.load(w_base + w_tile, mask=in_n[:, None] & in_k[None, :], other=0.0)
         acc = _mma(g, w, acc, DOT_PRECISION, UPCAST)
         g_base += tl.cast(stride_gn, tl.int64) * BLOCK_N
-        y_base += tl.cast(stride_gn, tl.int64) * BLOCK_N
+        s_base += tl.cast(stride_gn, tl.int64) * BLOCK_N
         w_base += tl.cast(stride_wn, tl.int64) * BLOCK_N
 
     dx_ptrs = dx_ptr + m0 * stride_dxm + k0 * stride_dxk + (rm[:, None] * stride_dxm + rk[None, :] * stride_dxk)
@@ -165,15 +179,15 @@ def linear_act_grad_input_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Backward dW = (G ⊙ [Y > 0])ᵀ X and db = Σ_rows (G ⊙ [Y > 0]), rows optionally split in chunks
+# Backward dW = (G ⊙ act'(S))ᵀ X and db = Σ_rows (G ⊙ act'(S)), rows optionally split in chunks
 # ----------------------------------------------------------------------------------------------
 @triton.jit  # M is the reduction here: its divisibility hint keeps the row loop lean
 def linear_act_grad_weight_kernel(
-    g_ptr, y_ptr, x_ptr, dw_ptr, db_ptr,
+    g_ptr, s_ptr, x_ptr, dw_ptr, db_ptr,
     M, N, K, rows_per_split,
     stride_gm, stride_gn, stride_xm, stride_xk,
     stride_dw_split, stride_dwn, stride_dwk, stride_db_split,
-    RELU: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    ACTIVATION: tl.constexpr, ALPHA: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     OFFSET_DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
@@ -194,11 +208,11 @@ def linear_act_grad_weight_kernel(
     rm = tl.arange(0, BLOCK_M).to(OFFSET_DTYPE)
     in_n = _in_bounds(rn, n0, N, BLOCK_N)
     in_k = _in_bounds(rk, k0, K, BLOCK_K)
-    # G and Y are read transposed, as [BLOCK_N, BLOCK_M] tiles: the left operand of (G ⊙ mask)ᵀ X.
-    gy_tile = rn[:, None] * stride_gn + rm[None, :] * stride_gm
+    # G and S are read transposed, as [BLOCK_N, BLOCK_M] tiles: the left operand of (G ⊙ act')ᵀ X.
+    gs_tile = rn[:, None] * stride_gn + rm[None, :] * stride_gm
     x_tile = rm[:, None] * stride_xm + rk[None, :] * stride_xk
     g_base = g_ptr + row_start * stride_gm + n0 * stride_gn
-    y_base = y_ptr + row_start * stride_gm + n0 * stride_gn
+    s_base = s_ptr + row_start * stride_gm + n0 * stride_gn
     x_base = x_ptr + row_start * stride_xm + k0 * stride_xk
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
@@ -206,17 +220,17 @@ def linear_act_grad_weight_kernel(
     for m0 in range(0, rows_here, BLOCK_M):
         in_m = rm < rows_here - m0
         tile = in_n[:, None] & in_m[None, :]
-        g = tl.load(g_base + gy_tile, mask=tile, other=0.0)
-        if RELU:
-            y = tl.load(y_base + gy_tile, mask=tile, other=0.0)
-            g = tl.where(y <= 0, 0.0, g)
+        g = tl.load(g_base + gs_tile, mask=tile, other=0.0)
+        if ACTIVATION != "none":
+            saved = tl.load(s_base + gs_tile, mask=tile, other=0.0)
+            g = activation_grad(g, saved, ACTIVATION, ALPHA)
         if COMPUTE_DW:
             x = tl.load(x_base + x_tile, mask=in_m[:, None] & in_k[None, :], other=0.0)
             acc = _mma(g, x, acc, DOT_PRECISION, UPCAST)
         if COMPUTE_DB:
             acc_bias += tl.sum(g.to(ACC_DTYPE), axis=1)
         g_base += tl.cast(stride_gm, tl.int64) * BLOCK_M
-        y_base += tl.cast(stride_gm, tl.int64) * BLOCK_M
+        s_base += tl.cast(stride_gm, tl.int64) * BLOCK_M
         x_base += tl.cast(stride_xm, tl.int64) * BLOCK_M
 
     if COMPUTE_DW:
@@ -253,12 +267,17 @@ def _capability(device: torch.device):
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
 
 
-def _configs_and_key(name, tensor, precision, dims, flags):
+def _configs_and_key(name, tensor, precision, dims, flags, torch_impl):
+    """The candidates for one launch (TORCH_GEMM only when the caller gave a torch_impl) and the
+    autotuner's cache key."""
     capability = _capability(tensor.device)
     bucket = tuning.bucket
-    key = (name, tensor.device, capability, tensor.dtype, precision, flags,
+    key = (name, tensor.device, capability, tensor.dtype, precision, flags, torch_impl is not None,
            bucket(dims[0]), bucket(dims[1]), bucket(dims[2]))
-    return tuning.candidate_configs(tensor.dtype, precision, capability), key
+    configs = tuning.candidate_configs(tensor.dtype, precision, capability)
+    if torch_impl is None:
+        configs = [c for c in configs if c is not tuning.TORCH_GEMM]
+    return configs, key
 
 
 def _offset_dtype(*tensors: torch.Tensor, extra_strides=()):
@@ -271,87 +290,88 @@ def _offset_dtype(*tensors: torch.Tensor, extra_strides=()):
     return tl.int32 if max_stride * 512 < 2**31 else tl.int64
 
 
+def _contiguous(t):
+    """The launchers return new contiguous outputs, whatever torch_impl gave back."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 @on_first_tensors_device
-def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias, activation: str,
-                       allow_tf32: bool) -> torch.Tensor:
-    """Y = act(X Wᵀ + b) for 2-D x [M, K]; a new contiguous Y [M, N]."""
+def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias, activation: str, alpha: float,
+                       save_preact: bool, allow_tf32: bool, torch_impl=None):
+    """(Y, Z) for 2-D x [M, K]: Y = act(X Wᵀ + b), a new contiguous [M, N]; Z = X Wᵀ + b (same
+    dtype, contiguous) if save_preact else None. torch_impl() returns the same pair."""
     M, K = x.shape
     N = weight.shape[0]
-    y = new_output((M, N), dtype=x.dtype, device=x.device)
-    if M == 0 or N == 0:
-        return y
-    acc, precision, upcast = _precision(x.dtype, allow_tf32)
-    relu = activation == "relu"
+    dtype, device = x.dtype, x.device
+    acc, precision, upcast = _precision(dtype, allow_tf32)
     b = bias if bias is not None else weight  # never read when HAS_BIAS is False
-    offset_dtype = _offset_dtype(x, weight, y, *([bias] if bias is not None else []))
+    offset_dtype = _offset_dtype(x, weight, *([bias] if bias is not None else []))
 
     def launch(cfg):
         if cfg is tuning.TORCH_GEMM:
-            if bias is not None:
-                torch.addmm(bias, x, weight.t(), out=y)
-            else:
-                torch.mm(x, weight.t(), out=y)
-            if relu:
-                y.relu_()
-            return
+            y, z = torch_impl()
+            return _contiguous(y), (_contiguous(z) if save_preact else None)
+        y = new_output((M, N), dtype=dtype, device=device)
+        z = new_output((M, N), dtype=dtype, device=device) if save_preact else None
         grid = (cdiv(M, cfg.block_rows) * cdiv(N, cfg.block_cols),)
         linear_act_fwd_kernel[grid](
-            x, weight, b, y, M, N, K,
+            x, weight, b, y, z if save_preact else y, M, N, K,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), b.stride(0),
             y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None, RELU=relu,
+            HAS_BIAS=bias is not None, ACTIVATION=activation, ALPHA=alpha, SAVE_PREACT=save_preact,
             ACC_DTYPE=acc, DOT_PRECISION=precision, UPCAST=upcast, OFFSET_DTYPE=offset_dtype,
             BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_cols, BLOCK_K=cfg.block_red, GROUP=cfg.group,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return y, z
 
-    configs, key = _configs_and_key("fwd", x, precision, (M, N, K), (bias is not None, relu))
-    launch(tuning.pick_config(key, configs, x.device, launch))
-    return y
+    if M == 0 or N == 0:
+        y = new_output((M, N), dtype=dtype, device=device)
+        return y, (new_output((M, N), dtype=dtype, device=device) if save_preact else None)
+    configs, key = _configs_and_key("fwd", x, precision, (M, N, K),
+                                    (bias is not None, activation, alpha, save_preact), torch_impl)
+    return launch(tuning.pick_config(key, configs, device, launch))
 
 
-def _torch_masked(grad: torch.Tensor, y: torch.Tensor, relu: bool) -> torch.Tensor:
-    """G ⊙ [Y > 0] as torch computes it (threshold_backward), for the TORCH_GEMM candidate."""
-    return torch.ops.aten.threshold_backward(grad, y, 0) if relu else grad
-
-
-def _same_strides(grad: torch.Tensor, y: torch.Tensor):
-    """The backward kernels address G and Y with one offset tile: give them the same strides."""
-    if grad.stride() != y.stride():
-        grad, y = grad.contiguous(), y.contiguous()
-    return grad, y
+def _same_strides(grad: torch.Tensor, saved: torch.Tensor, activation: str):
+    """The backward kernels address G and S with one offset tile: give them the same strides.
+    For "none" S is never read (the kernel gets G in its place)."""
+    if activation == "none":
+        return grad, grad
+    if grad.stride() != saved.stride():
+        grad, saved = grad.contiguous(), saved.contiguous()
+    return grad, saved
 
 
 @on_first_tensors_device
-def linear_act_grad_input(grad: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
-                          activation: str, allow_tf32: bool) -> torch.Tensor:
-    """dX = (G ⊙ [Y > 0]) W (no mask for activation "none"); a new contiguous dX [M, K]."""
+def linear_act_grad_input(grad: torch.Tensor, saved: torch.Tensor, weight: torch.Tensor,
+                          activation: str, alpha: float, allow_tf32: bool, torch_impl=None):
+    """dX = (G ⊙ act'(S)) W, a new contiguous [M, K]; S is the tensor the activation saves."""
     M, N = grad.shape
     K = weight.shape[1]
-    dx = new_output((M, K), dtype=grad.dtype, device=grad.device)
+    dtype, device = grad.dtype, grad.device
     if M == 0 or K == 0:
-        return dx
-    acc, precision, upcast = _precision(grad.dtype, allow_tf32)
-    relu = activation == "relu"
-    grad, y = _same_strides(grad, y) if relu else (grad, grad)
-    offset_dtype = _offset_dtype(grad, weight, dx)
+        return new_output((M, K), dtype=dtype, device=device)
+    acc, precision, upcast = _precision(dtype, allow_tf32)
+    grad, saved = _same_strides(grad, saved, activation)
+    offset_dtype = _offset_dtype(grad, weight)
 
     def launch(cfg):
         if cfg is tuning.TORCH_GEMM:
-            torch.mm(_torch_masked(grad, y, relu), weight, out=dx)
-            return
+            return _contiguous(torch_impl())
+        dx = new_output((M, K), dtype=dtype, device=device)
         grid = (cdiv(M, cfg.block_rows) * cdiv(K, cfg.block_cols),)
         linear_act_grad_input_kernel[grid](
-            grad, y, weight, dx, M, N, K,
+            grad, saved, weight, dx, M, N, K,
             grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1),
             dx.stride(0), dx.stride(1),
-            RELU=relu, ACC_DTYPE=acc, DOT_PRECISION=precision, UPCAST=upcast,
-            OFFSET_DTYPE=offset_dtype,
+            ACTIVATION=activation, ALPHA=alpha, ACC_DTYPE=acc, DOT_PRECISION=precision,
+            UPCAST=upcast, OFFSET_DTYPE=offset_dtype,
             BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_N=cfg.block_red, GROUP=cfg.group,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return dx
 
-    configs, key = _configs_and_key("dx", grad, precision, (M, N, K), (relu,))
-    launch(tuning.pick_config(key, configs, grad.device, launch))
-    return dx
+    configs, key = _configs_and_key("dx", grad, precision, (M, N, K), (activation, alpha), torch_impl)
+    return launch(tuning.pick_config(key, configs, device, launch))
 
 
 @functools.lru_cache(maxsize=None)
@@ -369,10 +389,10 @@ def choose_split(M: int, tiles: int, block_rows: int, device: torch.device) -> i
 
 
 @on_first_tensors_device
-def linear_act_grad_weight(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor, activation: str,
-                           compute_weight: bool, compute_bias: bool, allow_tf32: bool,
-                           split: int = None):
-    """(dW or None, db or None) from the same masked G tiles; deterministic.
+def linear_act_grad_weight(grad: torch.Tensor, saved: torch.Tensor, x: torch.Tensor,
+                           activation: str, alpha: float, compute_weight: bool, compute_bias: bool,
+                           allow_tf32: bool, split: int = None, torch_impl=None):
+    """(dW or None, db or None) from the same G ⊙ act'(S) tiles; deterministic.
 
     `split` fixes the number of row chunks (tests); by default it is chosen from the GPU size.
     """
@@ -382,8 +402,7 @@ def linear_act_grad_weight(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
     if not (compute_weight or compute_bias):
         return None, None
     acc, precision, upcast = _precision(dtype, allow_tf32)
-    relu = activation == "relu"
-    grad, y = _same_strides(grad, y) if relu else (grad, grad)
+    grad, saved = _same_strides(grad, saved, activation)
     offset_dtype = _offset_dtype(grad, x, extra_strides=(K,))  # K: row stride of dW
     # An empty dW (K = 0) needs no kernel; without dW, one column tile per row chunk sums db and
     # X is never read.
@@ -391,11 +410,8 @@ def linear_act_grad_weight(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
 
     def run(cfg, chunks: int):
         if cfg is tuning.TORCH_GEMM:
-            # Autocast off: a backward run inside an autocast region must not compute an fp32
-            # model's dW in half precision, nor return db in another dtype than the inputs'.
-            with torch.autocast(device.type, enabled=False):
-                g = _torch_masked(grad, y, relu)
-                return (g.t() @ x if compute_weight else None), (g.sum(0) if compute_bias else None)
+            dw, db = torch_impl()
+            return _contiguous(dw), _contiguous(db)
         tiles = cdiv(N, cfg.block_rows) * (cdiv(K, cfg.block_cols) if kernel_dw else 1)
         if chunks is None:
             chunks = choose_split(M, tiles, cfg.block_red, device) if M > 0 else 1
@@ -405,25 +421,25 @@ def linear_act_grad_weight(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor,
         dw = new_output((chunks, N, K) if kernel_dw else (1, 1, 1), dtype=out_dtype, device=device)
         db = new_output((chunks, N) if compute_bias else (1, 1), dtype=out_dtype, device=device)
         linear_act_grad_weight_kernel[(tiles, chunks)](
-            grad, y, x, dw, db, M, N, K, rows_per_split,
+            grad, saved, x, dw, db, M, N, K, rows_per_split,
             grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),
             dw.stride(0), dw.stride(1), dw.stride(2), db.stride(0),
-            RELU=relu, COMPUTE_DW=kernel_dw, COMPUTE_DB=compute_bias,
+            ACTIVATION=activation, ALPHA=alpha, COMPUTE_DW=kernel_dw, COMPUTE_DB=compute_bias,
             ACC_DTYPE=acc, DOT_PRECISION=precision, UPCAST=upcast, OFFSET_DTYPE=offset_dtype,
             BLOCK_N=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_M=cfg.block_red, GROUP=cfg.group,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if not kernel_dw:
             dw = torch.zeros((1, N, K), dtype=dtype, device=device)  # unused, or empty (K = 0)
         if chunks > 1:  # fixed-order reduction of the fp32 partial sums
-            return dw.sum(0).to(dtype), db.sum(0).to(dtype)
-        return dw[0], db[0]
+            return (dw.sum(0).to(dtype) if compute_weight else None), (db.sum(0).to(dtype) if compute_bias else None)
+        return (dw[0] if compute_weight else None), (db[0] if compute_bias else None)
 
     if N == 0 or not (kernel_dw or compute_bias):
         dw = torch.zeros((N, K), dtype=dtype, device=device)
         db = torch.zeros((N,), dtype=dtype, device=device)
     else:
         configs, key = _configs_and_key("dw", grad, precision, (M, N, K),
-                                        (relu, compute_weight, compute_bias))
+                                        (activation, alpha, compute_weight, compute_bias), torch_impl)
         cfg = tuning.pick_config(key, configs, device, lambda c: run(c, split))
         dw, db = run(cfg, split)
     return (dw if compute_weight else None), (db if compute_bias else None)
