@@ -4,16 +4,27 @@ from typing import Optional
 
 import torch
 
+from fastmlp import activations
 from fastmlp.ops import fused_linear
+
+
+def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               activation="relu") -> torch.Tensor:
+    """act(input @ weight.T + bias) in one fused kernel, forward and backward.
+
+    activation: None, a name from fastmlp.ACTIVATIONS ("relu", "leaky_relu", "gelu",
+    "gelu_tanh", "silu", "sigmoid", "tanh", "none"), or the matching torch module
+    (``nn.LeakyReLU(0.2)``, ``nn.GELU(approximate="tanh")``, ...). Same shapes as
+    ``act(F.linear(input, weight, bias))``: input [..., in_features], weight
+    [out_features, in_features], bias [out_features] or None.
+    """
+    name, alpha = activations.resolve(activation)
+    return fused_linear(input, weight, bias, name, alpha)
 
 
 def linear_relu(input: torch.Tensor, weight: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """relu(input @ weight.T + bias) in one fused kernel, forward and backward.
-
-    Same shapes as ``F.relu(F.linear(input, weight, bias))``: input [..., in_features], weight
-    [out_features, in_features], bias [out_features] or None.
-    """
+    """relu(input @ weight.T + bias) in one fused kernel, forward and backward."""
     return fused_linear(input, weight, bias, "relu")
 
 

@@ -1,37 +1,61 @@
-"""Drop-in modules (FusedLinearReLU, FusedLinear) and fuse(), which rewrites existing models.
+"""Drop-in modules: FusedLinear(activation=...) and FusedLinearReLU.
 
-Both modules subclass nn.Linear: same constructor, same parameters (weight [out, in], bias [out]),
-same initialisation, so state_dicts load both ways between them and nn.Linear.
+Both subclass nn.Linear: same constructor, same parameters (weight [out, in], bias [out]), same
+initialisation, so state_dicts load both ways between them and nn.Linear. The activation is not
+state: it is a constructor argument, shown by repr.
 """
 
 import torch
 from torch import nn
 
+from fastmlp import activations
 from fastmlp.ops import fused_linear
 
 
 class FusedLinear(nn.Linear):
-    """nn.Linear computed by the fastmlp kernels: y = x Wᵀ + b."""
+    """nn.Linear followed by an activation, computed by the fastmlp kernels: y = act(x Wᵀ + b).
 
-    activation = "none"
+    activation: None (no activation), a name from fastmlp.ACTIVATIONS, or an instance of the
+    matching torch module (nn.ReLU(), nn.LeakyReLU(0.2), nn.GELU(), nn.GELU(approximate="tanh"),
+    nn.SiLU(), nn.Sigmoid(), nn.Tanh()). Attributes ``activation`` (its name, "none" for none)
+    and ``activation_alpha`` (leaky_relu's negative slope, 0 otherwise).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype=None, *, activation=None) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.activation, self.activation_alpha = activations.resolve(activation)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return fused_linear(input, self.weight, self.bias, self.activation)
+        return fused_linear(input, self.weight, self.bias, self.activation, self.activation_alpha)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, activation={self.activation}"
+        return (f"{super().extra_repr()}, "
+                f"activation={activations.describe(self.activation, self.activation_alpha)}")
 
 
 class FusedLinearReLU(FusedLinear):
     """nn.Linear followed by nn.ReLU in one fused kernel: y = relu(x Wᵀ + b)."""
 
-    activation = "relu"
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype, activation="relu")
 
 
-def _fused_from(linear: nn.Linear) -> FusedLinearReLU:
-    """A FusedLinearReLU that shares `linear`'s parameters (built on meta: no init, no copy)."""
-    fused = FusedLinearReLU(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                            device="meta")
+def fused_from(linear: nn.Linear, activation=None, alpha=None) -> FusedLinear:
+    """A FusedLinear that shares `linear`'s parameters (built on meta: no init, no copy).
+
+    activation: what FusedLinear takes; alpha, if given, overrides the resolved parameter
+    (a name plus the slope found in a traced call).
+    """
+    if activation == "relu":
+        fused = FusedLinearReLU(linear.in_features, linear.out_features,
+                                bias=linear.bias is not None, device="meta")
+    else:
+        fused = FusedLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                            device="meta", activation=activation)
+        if alpha is not None:
+            fused.activation_alpha = float(alpha)
     fused.weight = linear.weight
     fused.bias = linear.bias
     fused.train(linear.training)
@@ -39,12 +63,13 @@ def _fused_from(linear: nn.Linear) -> FusedLinearReLU:
 
 
 def fuse(module: nn.Module) -> nn.Module:
-    """Replace every nn.Linear (or FusedLinear) directly followed by nn.ReLU inside an nn.Sequential.
+    """Replace every nn.Linear (or FusedLinear without activation) directly followed by a
+    supported activation module inside an nn.Sequential.
 
-    The Linear slot becomes a FusedLinearReLU sharing the original parameters and the ReLU slot
-    becomes nn.Identity, so state_dict keys stay the same. Only exact nn.Linear / FusedLinear
-    instances are fused (a user's subclass of nn.Linear may compute something else). Works in
-    place on any module tree and returns `module`.
+    The Linear slot becomes a FusedLinear sharing the original parameters and the activation
+    slot becomes nn.Identity, so state_dict keys stay the same. Only exact nn.Linear /
+    FusedLinear instances are fused (a user's subclass of nn.Linear may compute something else).
+    Works in place on any module tree and returns `module`.
     """
     for sub in module.modules():
         if not isinstance(sub, nn.Sequential):
@@ -52,7 +77,10 @@ def fuse(module: nn.Module) -> nn.Module:
         names = list(sub._modules.keys())
         for first, second in zip(names, names[1:]):
             lin, act = sub._modules[first], sub._modules[second]
-            if type(lin) in (nn.Linear, FusedLinear) and type(act) is nn.ReLU:
-                sub._modules[first] = _fused_from(lin)
+            if not (type(lin) is nn.Linear or (type(lin) is FusedLinear and lin.activation == "none")):
+                continue
+            found = activations.from_module(act) if act is not None else None
+            if found is not None:
+                sub._modules[first] = fused_from(lin, found[0], found[1])
                 sub._modules[second] = nn.Identity()
     return module

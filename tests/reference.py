@@ -25,12 +25,18 @@ def assert_close(actual, expected, dtype, what="", tol=None):
 
 
 def reference(x, weight, bias, activation, grad_out):
-    """(y, dx, dw, db) of act(x Wᵀ + b) computed by torch in float64 from the same inputs."""
+    """(y, dx, dw, db) of act(x Wᵀ + b) computed by torch in float64 from the same inputs.
+
+    activation: what fastmlp.functional.linear_act takes (None, a name, a torch module); the
+    activation is torch's own op (fastmlp.activations' torch_forward), differentiated by autograd.
+    """
+    from fastmlp import activations
+
+    name, alpha = activations.resolve(activation)
     x64 = x.detach().double().cpu().requires_grad_()
     w64 = weight.detach().double().cpu().requires_grad_()
     b64 = bias.detach().double().cpu().requires_grad_() if bias is not None else None
     y = torch.nn.functional.linear(x64, w64, b64)
-    if activation == "relu":
-        y = torch.relu(y)
+    y = activations.get(name).torch_forward(y, alpha)
     y.backward(grad_out.detach().double().cpu())
     return y.detach(), x64.grad, w64.grad, (b64.grad if b64 is not None else None)

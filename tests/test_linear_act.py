@@ -1,4 +1,5 @@
-"""The fused op against torch in float64: forward, dX, dW, db, on every backend and device here.
+"""The fused op against torch in float64: forward, dX, dW, db, for every activation, on every
+backend and device here.
 
 `impl` (tests/conftest.py) runs each case on the Triton kernels (through the interpreter on CPU,
 outputs poisoned with NaN before launch) and on the torch path; with a GPU, on CUDA too.
@@ -8,10 +9,36 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import fastmlp
+from fastmlp import activations
 from fastmlp import functional as F
 from reference import TOLERANCE, assert_close, reference, rel_err
+
+# Every activation, as the public API takes it. leaky_relu three ways: its default slope by name,
+# a positive slope (saves Y) and a negative one (saves Z: Y no longer tells Z's sign).
+ACTS = [
+    pytest.param("relu", id="relu"),
+    pytest.param("leaky_relu", id="leaky_relu"),
+    pytest.param(nn.LeakyReLU(0.2), id="leaky_relu0.2"),
+    pytest.param(nn.LeakyReLU(-0.3), id="leaky_relu-0.3"),
+    pytest.param("gelu", id="gelu"),
+    pytest.param(nn.GELU(approximate="tanh"), id="gelu_tanh"),
+    pytest.param("silu", id="silu"),
+    pytest.param("sigmoid", id="sigmoid"),
+    pytest.param(nn.Tanh(), id="tanh"),
+    pytest.param(None, id="none"),
+]
+# One activation per kind of saved tensor, for the layout and edge-case tests.
+ACTS_BY_SAVED = [pytest.param("relu", id="relu"), pytest.param("gelu", id="gelu"),
+                 pytest.param("sigmoid", id="sigmoid"), pytest.param(None, id="none")]
+
+
+def test_every_activation_is_tested():
+    """The parameter list above covers the whole table (a new activation must join it)."""
+    tested = {activations.resolve(p.values[0])[0] for p in ACTS}
+    assert tested == set(activations.ACTIVATIONS)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -25,8 +52,12 @@ def _inputs(M_shape, K, N, dtype, device, bias=True, gen=None):
 
 def _run(x, w, b, activation, grad_out):
     """Forward + backward through fastmlp; returns (y, dx, dw, db) (None where no grad)."""
-    fn = F.linear_relu if activation == "relu" else F.linear
-    y = fn(x, w, b)
+    if activation == "relu":
+        y = F.linear_relu(x, w, b)
+    elif activation is None:
+        y = F.linear(x, w, b)
+    else:
+        y = F.linear_act(x, w, b, activation)
     y.backward(grad_out)
     return y, x.grad, w.grad, (b.grad if b is not None else None)
 
@@ -59,17 +90,31 @@ SHAPES = [  # (leading dims of X, K, N)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,K,N", SHAPES)
-@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("activation", ["relu", None], ids=["relu", "none"])
 def test_matches_float64_reference(impl, dtype, lead, K, N, activation):
     torch.manual_seed(hash((lead, K, N)) % 2**31)
     x, w, b = _inputs(lead, K, N, dtype, impl)
     _check_all(x, w, b, activation, dtype, f"{lead}x{K}->{N}")
 
 
+# The odd shapes for every activation (the seed's shapes above are relu's and none's).
+ODD_SHAPES = [((1,), 13, 7), ((37,), 71, 45), ((5, 7), 19, 23)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_without_bias(impl, dtype):
+@pytest.mark.parametrize("lead,K,N", ODD_SHAPES)
+@pytest.mark.parametrize("activation", ACTS)
+def test_every_activation_matches_float64_reference(impl, dtype, lead, K, N, activation):
+    torch.manual_seed(hash((lead, K, N, str(activation))) % 2**31)
+    x, w, b = _inputs(lead, K, N, dtype, impl)
+    _check_all(x, w, b, activation, dtype, f"{activation} {lead}x{K}->{N}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTS)
+def test_without_bias(impl, dtype, activation):
     x, w, _ = _inputs((29,), 41, 19, dtype, impl, bias=False)
-    _check_all(x, w, None, "relu", dtype, "no bias")
+    _check_all(x, w, None, activation, dtype, "no bias")
 
 
 LAYOUTS = ["x_transposed", "x_sliced", "w_transposed", "w_sliced", "bias_strided"]
@@ -95,15 +140,17 @@ def _layout_inputs(layout, device, dtype, M=33, K=40, N=21):
     return x, w, b
 
 
+@pytest.mark.parametrize("activation", ACTS_BY_SAVED)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_strided_and_transposed_inputs(impl, layout):
+def test_strided_and_transposed_inputs(impl, layout, activation):
     x, w, b = _layout_inputs(layout, impl, torch.float32)
-    _check_all(x, w, b, "relu", torch.float32, layout)
+    _check_all(x, w, b, activation, torch.float32, f"{layout} {activation}")
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
 @pytest.mark.parametrize("mode", ["tf32", "bf16"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_strided_and_transposed_inputs_on_matrix_units(impl, layout, mode):
+def test_strided_and_transposed_inputs_on_matrix_units(impl, layout, mode, activation):
     """The same layouts through the paths a GPU runs on its matrix units: fp32 with TF32
     allowed, and bf16 (wgmma on Hopper, which takes a column-major operand through a transpose
     of its own)."""
@@ -113,18 +160,27 @@ def test_strided_and_transposed_inputs_on_matrix_units(impl, layout, mode):
     torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
     try:
         # TF32 keeps 10 mantissa bits: ~3e-4 relative error at this size, under 2e-3.
-        _check_all(x, w, b, "relu", dtype, f"{layout} {mode}", tol=2e-3 if mode == "tf32" else None)
+        _check_all(x, w, b, activation, dtype, f"{layout} {mode} {activation}",
+                   tol=2e-3 if mode == "tf32" else None)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+def _act_module(activation):
+    """The torch module computing `activation` (for references built from nn modules)."""
+    name, alpha = activations.resolve(activation)
+    return lambda t: activations.get(name).torch_forward(t, alpha)
+
+
+@pytest.mark.parametrize("activation", ACTS_BY_SAVED)
 @pytest.mark.parametrize("upstream", ["expanded", "transposed"])
-def test_upstream_gradient_non_contiguous(impl, upstream):
-    """y.sum() hands backward a stride-0 gradient; a loss on y.t() hands it a transposed one."""
+def test_upstream_gradient_non_contiguous(impl, upstream, activation):
+    """y.sum() hands backward a stride-0 gradient; a loss on y.t() hands it a transposed one
+    (whose strides differ from the saved Y or Z)."""
     x, w, b = _inputs((23,), 17, 11, torch.float32, impl)
     for t in (x, w, b):
         t.requires_grad_(True)
-    y = F.linear_relu(x, w, b)
+    y = F.linear_act(x, w, b, activation)
     if upstream == "expanded":
         y.sum().backward()
         grad_out = torch.ones(23, 11)
@@ -132,14 +188,15 @@ def test_upstream_gradient_non_contiguous(impl, upstream):
         weights = torch.randn(11, 23)
         (y.t() * weights.to(impl)).sum().backward()
         grad_out = weights.t()
-    ry, rdx, rdw, rdb = reference(x, w, b, "relu", grad_out)
+    ry, rdx, rdw, rdb = reference(x, w, b, activation, grad_out)
     assert_close(x.grad, rdx, torch.float32, "dX")
     assert_close(w.grad, rdw, torch.float32, "dW")
     assert_close(b.grad, rdb, torch.float32, "db")
 
 
+@pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("frozen", ["x", "weight", "bias", "weight_and_bias"])
-def test_only_needed_gradients(impl, frozen):
+def test_only_needed_gradients(impl, frozen, activation):
     x, w, b = _inputs((31,), 26, 18, torch.float32, impl)
     grads = {"x": frozen != "x", "weight": frozen not in ("weight", "weight_and_bias"),
              "bias": frozen not in ("bias", "weight_and_bias")}
@@ -147,9 +204,9 @@ def test_only_needed_gradients(impl, frozen):
     w.requires_grad_(grads["weight"])
     b.requires_grad_(grads["bias"])
     grad_out = torch.randn(31, 18, device=impl)
-    y = F.linear_relu(x, w, b)
+    y = F.linear_act(x, w, b, activation)
     y.backward(grad_out)
-    ry, rdx, rdw, rdb = reference(x, w, b, "relu", grad_out)
+    ry, rdx, rdw, rdb = reference(x, w, b, activation, grad_out)
     assert_close(y, ry, torch.float32, "forward")
     for name, tensor, ref in (("x", x, rdx), ("weight", w, rdw), ("bias", b, rdb)):
         if grads[name]:
@@ -173,44 +230,93 @@ def test_only_needed_gradients_are_computed(impl, monkeypatch):
     calls.clear()
     x.requires_grad_(True)
     w.requires_grad_(False)
-    fastmlp.FusedLinearFunction.apply(x, w, b, "relu").sum().backward()
+    fastmlp.FusedLinearFunction.apply(x, w, b, "gelu").sum().backward()
     assert calls == ["_grad_input_impl"]
 
 
-@pytest.mark.parametrize("entry", ["functional", "apply"])
-def test_saves_only_x_weight_and_y(impl, entry):
+def _saved_shapes(y):
+    return sorted(tuple(t.shape) for t in y.grad_fn.saved_tensors if t is not None)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_saves_x_weight_and_what_the_derivative_needs(impl, activation):
+    """X, W, and Y (relu, leaky_relu with slope > 0, sigmoid, tanh), the pre-activation Z (gelu,
+    gelu_tanh, silu, leaky_relu with slope <= 0), or nothing more ("none")."""
+    name, alpha = activations.resolve(activation)
+    saves = activations.get(name).saves(alpha)
     x, w, b = _inputs((9,), 12, 7, torch.float32, impl)
     for t in (x, w, b):
         t.requires_grad_(True)
-    if entry == "functional":
-        y = F.linear_relu(x, w, b)
-        if not isinstance(y.grad_fn, torch.autograd.function.BackwardCFunction):
-            # torch backend, eager: torch's own linear + relu nodes; they keep X, W and Y too.
-            assert torch.equal(y.grad_fn._saved_result, y)
-            return
-    else:
-        y = fastmlp.FusedLinearFunction.apply(x, w, b, "relu")
+    y = fastmlp.FusedLinearFunction.apply(x, w, b, name, alpha)
     saved = [t for t in y.grad_fn.saved_tensors if t is not None]
-    assert len(saved) == 3
-    shapes = sorted(tuple(t.shape) for t in saved)
-    assert shapes == sorted([(9, 12), (7, 12), (9, 7)])
+    expected = [(9, 12), (7, 12)] + ([(9, 7)] if saves != "nothing" else [])
+    assert _saved_shapes(y) == sorted(expected)
     assert any(t.data_ptr() == w.data_ptr() for t in saved)
-    assert any(t.data_ptr() == y.data_ptr() for t in saved)
+    if saves == "output":
+        assert any(t.data_ptr() == y.data_ptr() for t in saved)
+    if saves == "preact":
+        (z,) = [t for t in saved if t.shape == (9, 7)]
+        assert z.data_ptr() != y.data_ptr()
+        expected_z = nn.functional.linear(x.double(), w.double(), b.double())
+        assert_close(z, expected_z, torch.float32, "saved pre-activation")
 
 
-def test_empty_batch(impl):
-    x, w, b = _inputs((0,), 10, 4, torch.float32, impl)
+def test_relu_saves_y_and_no_copy_through_functional(impl):
+    x, w, b = _inputs((9,), 12, 7, torch.float32, impl)
     for t in (x, w, b):
         t.requires_grad_(True)
     y = F.linear_relu(x, w, b)
-    assert y.shape == (0, 4)
+    if not isinstance(y.grad_fn, torch.autograd.function.BackwardCFunction):
+        # torch backend, eager: torch's own linear + relu nodes; they keep X, W and Y too.
+        assert torch.equal(y.grad_fn._saved_result, y)
+        return
+    assert _saved_shapes(y) == sorted([(9, 12), (7, 12), (9, 7)])
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu", nn.LeakyReLU(-0.5)], ids=str)
+def test_no_preactivation_is_written_unless_autograd_needs_it(triton_backend, monkeypatch,
+                                                             activation):
+    """gelu/silu save Z for backward: the forward kernel writes it only when a backward will run
+    (not under no_grad, not for frozen inputs and parameters)."""
+    from fastmlp import ops
+
+    asked = []
+    original = ops._linear_act_impl
+
+    def spy(*args):
+        asked.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(ops, "_linear_act_impl", spy)
+    x, w, b = _inputs((6,), 5, 4, torch.float32, "cpu")
+    layer = fastmlp.FusedLinear(5, 4, activation=activation)
+    with torch.no_grad():
+        layer(x)
+    F.linear_act(x, w, b, activation)            # nothing requires grad
+    assert asked == [False, False]
+    y = layer(x)                                  # parameters require grad
+    assert asked == [False, False, True]
     y.sum().backward()
-    assert x.grad.shape == (0, 10)
-    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+    assert layer.weight.grad is not None
 
 
-def test_relu_gradient_is_zero_where_preactivation_is_exactly_zero(impl):
-    """Integer-valued inputs make exact pre-activations; the bias zeroes a chosen set of them."""
+def test_empty_batch(impl):
+    for activation in ("relu", "gelu"):
+        x, w, b = _inputs((0,), 10, 4, torch.float32, impl)
+        for t in (x, w, b):
+            t.requires_grad_(True)
+        y = F.linear_act(x, w, b, activation)
+        assert y.shape == (0, 4)
+        y.sum().backward()
+        assert x.grad.shape == (0, 10)
+        assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_gradient_where_preactivation_is_exactly_zero(impl, activation):
+    """Integer-valued inputs make exact pre-activations; the bias zeroes a chosen set of them.
+    Each activation's gradient there is torch's (relu's is 0, leaky_relu's the slope, gelu's
+    one half, ...)."""
     gen = torch.Generator().manual_seed(7)
     M, K, N = 12, 8, 6
     x = torch.randint(-3, 4, (M, K), generator=gen).float()
@@ -220,12 +326,16 @@ def test_relu_gradient_is_zero_where_preactivation_is_exactly_zero(impl):
     b[::2] += 1.0
     x, w, b = (t.to(impl).requires_grad_() for t in (x, w, b))
     grad_out = torch.randn(M, N, generator=gen).to(impl)
-    y = F.linear_relu(x, w, b)
+    y = F.linear_act(x, w, b, activation)
     y.backward(grad_out)
-    ry, rdx, rdw, rdb = reference(x, w, b, "relu", grad_out)
+    ry, rdx, rdw, rdb = reference(x, w, b, activation, grad_out)
     zero = (x.detach().double().cpu() @ w.detach().double().cpu().t() + b.detach().double().cpu()) == 0
     assert zero.sum() >= N // 2
-    assert torch.equal(y.detach().cpu().double(), ry)
+    name, _ = activations.resolve(activation)
+    if name in ("relu", "none"):  # integer-valued: exact
+        assert torch.equal(y.detach().cpu().double(), ry)
+    else:
+        assert_close(y, ry, torch.float32, "forward")
     assert_close(x.grad, rdx, torch.float32, "dX")
     assert_close(w.grad, rdw, torch.float32, "dW")
     assert_close(b.grad, rdb, torch.float32, "db")
@@ -242,7 +352,15 @@ def _nonfinite_equal(actual, expected):
         assert err < 1e-5, err
 
 
-def test_nan_and_inf_propagate_like_torch(impl):
+def _same_dtype_torch(x, w, b, activation, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    y = _act_module(activation)(nn.functional.linear(*leaves))
+    y.backward(grad_out)
+    return (y.detach(), *(t.grad for t in leaves))
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_nan_and_inf_propagate_like_torch(impl, activation):
     x, w, b = _inputs((10,), 9, 6, torch.float32, impl)
     x[2, 3] = float("nan")
     x[5, 1] = float("inf")
@@ -250,38 +368,54 @@ def test_nan_and_inf_propagate_like_torch(impl):
     grad_out = torch.randn(10, 6, device=impl)
     for t in (x, w, b):
         t.requires_grad_(True)
-    y = F.linear_relu(x, w, b)
+    y = F.linear_act(x, w, b, activation)
     y.backward(grad_out)
-    ry, rdx, rdw, rdb = reference(x, w, b, "relu", grad_out)
-    assert torch.isnan(y[2]).all()  # relu(NaN) is NaN, as in torch
+    ry, rdx, rdw, rdb = reference(x, w, b, activation, grad_out)
+    if fastmlp.get_backend() == "torch" and impl == "cpu":
+        # The torch backend is torch's own ops, whose CPU fp32 GELU gives NaN at +inf (its
+        # vectorised erf) where float64 and CUDA give inf: compare with torch in fp32 there.
+        ry, rdx, rdw, rdb = _same_dtype_torch(x, w, b, activation, grad_out)
+    assert torch.isnan(y[2]).all()  # act(NaN) is NaN, as in torch (relu's too)
     for got, ref in ((y, ry), (x.grad, rdx), (w.grad, rdw), (b.grad, rdb)):
         _nonfinite_equal(got, ref)
 
 
-def test_gradcheck_float64(impl):
+@pytest.mark.parametrize("activation", ACTS)
+def test_gradcheck_float64(impl, activation):
     """float64 runs the same kernels under the interpreter (torch on GPUs): gradcheck them."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(5, 4, generator=gen, dtype=torch.float64).to(impl).requires_grad_()
     w = torch.randn(3, 4, generator=gen, dtype=torch.float64).to(impl).requires_grad_()
     b = torch.randn(3, generator=gen, dtype=torch.float64).to(impl).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: F.linear_act(*a, activation=activation), (x, w, b))
+    assert torch.autograd.gradcheck(lambda a, c: F.linear_act(a, c, activation=activation), (x, w))
+
+
+def test_relu_and_plain_linear_gradcheck_float64(impl):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 4, generator=gen, dtype=torch.float64).to(impl).requires_grad_()
+    w = torch.randn(3, 4, generator=gen, dtype=torch.float64).to(impl).requires_grad_()
+    b = torch.randn(3, generator=gen, dtype=torch.float64).to(impl).requires_grad_()
     assert torch.autograd.gradcheck(F.linear_relu, (x, w, b))
     assert torch.autograd.gradcheck(F.linear, (x, w, b))
-    assert torch.autograd.gradcheck(lambda a, c: F.linear_relu(a, c), (x, w))
 
 
-def test_float64_kernels_match(impl):
+@pytest.mark.parametrize("activation", ACTS)
+def test_float64_kernels_match(impl, activation):
     x, w, b = _inputs((17,), 23, 13, torch.float64, impl)
-    _check_all(x, w, b, "relu", torch.float64, "float64")
+    _check_all(x, w, b, activation, torch.float64, "float64")
 
 
-def test_autograd_function_apply_directly(impl):
+@pytest.mark.parametrize("activation", ACTS_BY_SAVED)
+def test_autograd_function_apply_directly(impl, activation):
+    name, alpha = activations.resolve(activation)
     x, w, b = _inputs((4, 3), 10, 6, torch.float32, impl)
     for t in (x, w, b):
         t.requires_grad_(True)
-    y = fastmlp.FusedLinearFunction.apply(x, w, b, "relu")
+    y = fastmlp.FusedLinearFunction.apply(x, w, b, name, alpha)
     grad_out = torch.randn_like(y)
     y.backward(grad_out)
-    ry, rdx, rdw, rdb = reference(x, w, b, "relu", grad_out)
+    ry, rdx, rdw, rdb = reference(x, w, b, activation, grad_out)
     assert_close(y, ry, torch.float32, "apply forward")
     assert_close(x.grad, rdx, torch.float32, "apply dX")
     assert_close(w.grad, rdw, torch.float32, "apply dW")
@@ -289,25 +423,29 @@ def test_autograd_function_apply_directly(impl):
 
 
 def test_one_dimensional_input(impl):
-    x, w, b = _inputs((), 11, 5, torch.float32, impl)
-    _check_all(x, w, b, "relu", torch.float32, "1-D input")
+    for activation in ("relu", "silu"):
+        x, w, b = _inputs((), 11, 5, torch.float32, impl)
+        _check_all(x, w, b, activation, torch.float32, f"1-D input {activation}")
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_autocast_keeps_the_autocast_dtype(impl, dtype):
+def test_autocast_keeps_the_autocast_dtype(impl, dtype, activation):
     x, w, b = _inputs((16,), 24, 8, torch.float32, impl)
     lin = torch.nn.Linear(24, 8, device=impl)
     with torch.no_grad():
         lin.weight.copy_(w)
         lin.bias.copy_(b)
+    act = _act_module(activation)
     with torch.autocast(impl, dtype=dtype):
-        y = F.linear_relu(x, w, b)
-        expected = torch.relu(lin(x))
+        y = F.linear_act(x, w, b, activation)
+        expected = act(lin(x))
     assert y.dtype == expected.dtype == dtype
     assert rel_err(y, expected.float()) < TOLERANCE[dtype]
 
 
-def test_zero_in_features_and_zero_out_features(impl):
+@pytest.mark.parametrize("activation", ["relu", "gelu", "sigmoid"])
+def test_zero_in_features_and_zero_out_features(impl, activation):
     """in_features = 0 gives act(bias); out_features = 0 gives an empty output, as nn.Linear."""
     x = torch.randn(6, 0, device=impl, requires_grad=True)
     w = torch.randn(5, 0, device=impl, requires_grad=True)
@@ -315,36 +453,38 @@ def test_zero_in_features_and_zero_out_features(impl):
     grad_out = torch.randn(6, 5, device=impl)
     with warnings.catch_warnings(record=True) as caught:  # the interpreter warns on x / 0
         warnings.simplefilter("always")
-        y = F.linear_relu(x, w, b)
+        y = F.linear_act(x, w, b, activation)
         y.backward(grad_out)
     assert not [w for w in caught if "divide by zero" in str(w.message)]
-    ry, rdx, rdw, rdb = reference(x, w, b, "relu", grad_out)
-    assert torch.equal(y.detach().double().cpu(), ry)
+    ry, rdx, rdw, rdb = reference(x, w, b, activation, grad_out)
+    assert_close(y, ry, torch.float32, "forward")
     assert x.grad.shape == (6, 0) and w.grad.shape == (5, 0)
     assert_close(b.grad, rdb, torch.float32, "db")
     x2 = torch.randn(4, 3, device=impl, requires_grad=True)
     w2 = torch.randn(0, 3, device=impl, requires_grad=True)
-    y2 = F.linear_relu(x2, w2, torch.randn(0, device=impl))
+    y2 = F.linear_act(x2, w2, torch.randn(0, device=impl), activation)
     assert y2.shape == (4, 0)
     y2.sum().backward()
     assert torch.equal(x2.grad, torch.zeros_like(x2))
 
 
-def test_empty_three_dimensional_inputs(impl):
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_empty_three_dimensional_inputs(impl, activation):
     """Leading dimensions with an empty feature dimension: [2, 3, 0] inputs, and [2, 3, K]
     inputs into 0 outputs, reshape like nn.Linear's (reshape(-1, 0) cannot)."""
     x = torch.randn(2, 3, 0, device=impl, requires_grad=True)
     w = torch.randn(5, 0, device=impl, requires_grad=True)
     b = torch.randn(5, device=impl, requires_grad=True)
     grad_out = torch.randn(2, 3, 5, device=impl)
-    y = F.linear_relu(x, w, b)
+    y = F.linear_act(x, w, b, activation)
     y.backward(grad_out)
     assert y.shape == (2, 3, 5) and x.grad.shape == (2, 3, 0)
-    assert torch.equal(y.detach().cpu(), torch.relu(b.detach().cpu()).expand(2, 3, 5))
-    assert_close(b.grad, (grad_out * (y > 0)).sum((0, 1)).double().cpu(), torch.float32, "db")
+    ry, _, _, rdb = reference(x, w, b, activation, grad_out)
+    assert_close(y, ry, torch.float32, "forward")
+    assert_close(b.grad, rdb, torch.float32, "db")
     x2 = torch.randn(2, 3, 4, device=impl, requires_grad=True)
     w2 = torch.randn(0, 4, device=impl, requires_grad=True)
-    y2 = F.linear_relu(x2, w2, torch.randn(0, device=impl))
+    y2 = F.linear_act(x2, w2, torch.randn(0, device=impl), activation)
     assert y2.shape == (2, 3, 0)
     y2.sum().backward()
     assert torch.equal(x2.grad, torch.zeros_like(x2)) and w2.grad.shape == (0, 4)
@@ -355,15 +495,17 @@ def test_expanded_input_with_stride_zero(impl):
     row = torch.randn(1, 21, device=impl)
     x = row.expand(9, 21)
     assert x.stride(0) == 0
-    _, w, b = _inputs((9,), 21, 8, torch.float32, impl)
-    _check_all(x.detach(), w, b, "relu", torch.float32, "expanded")
+    for activation in ("relu", "tanh"):
+        _, w, b = _inputs((9,), 21, 8, torch.float32, impl)
+        _check_all(x.detach(), w, b, activation, torch.float32, f"expanded {activation}")
 
 
-def test_double_backward_is_refused_not_wrong():
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_double_backward_is_refused_not_wrong(activation):
     """The fused backward has no derivative of its own: asking for one is an error, never zeros."""
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
-    y = fastmlp.FusedLinearFunction.apply(x, w, None, "relu")
+    y = fastmlp.FusedLinearFunction.apply(x, w, None, activation)
     (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gx.sum().backward()
