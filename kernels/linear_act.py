@@ -20,8 +20,9 @@ so that neighbouring programs reuse the same column tiles while they sit in L2 (
 
 dW + db are deterministic for a given config (the autotuner's pick can differ between processes):
 each program owns its output tile and walks its rows in a fixed order;
-when the output has too few tiles to fill the GPU (M >> N, K), the rows are split into SPLIT
-chunks whose fp32 partial sums are then added in a fixed order.
+when the output has too few tiles to fill the GPU (M >> N, K), the rows are split into chunks,
+about one wave of programs in all, whose fp32 partial sums of dW and db one small kernel
+(reduce_partials_kernel) then adds in a fixed order and rounds once to the output dtype.
 
 The launchers take ``torch_impl``: a zero-argument callable from the caller (fastmlp/ops.py) that
 computes the same result(s) with torch's own ops. On GPUs it is one more autotuning candidate
@@ -244,6 +245,24 @@ def linear_act_grad_weight_kernel(
             tl.store(db_ptrs, acc_bias.to(db_ptr.dtype.element_ty), mask=in_n)
 
 
+@triton.jit
+def reduce_partials_kernel(part_ptr, dw_ptr, db_ptr, chunks, length, dw_numel,
+                           stride_split, BLOCK: tl.constexpr):
+    """out[i] = Σ_c part[c, i] in a fixed order (c = 0, 1, ...), rounded once to the output dtype.
+
+    The split dW kernel writes each chunk's fp32 partials as one row [dW (N*K) | db (N)]: one
+    launch sums and casts both, elements [0, dw_numel) into dW and the rest into db.
+    """
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offsets < length
+    acc = tl.zeros((BLOCK,), dtype=part_ptr.dtype.element_ty)
+    for c in range(0, chunks):
+        acc += tl.load(part_ptr + c * stride_split + offsets, mask=in_range, other=0.0)
+    in_dw = offsets < dw_numel
+    tl.store(dw_ptr + offsets, acc.to(dw_ptr.dtype.element_ty), mask=in_range & in_dw)
+    tl.store(db_ptr + (offsets - dw_numel), acc.to(db_ptr.dtype.element_ty), mask=in_range & ~in_dw)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -295,6 +314,13 @@ def _contiguous(t):
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
+def _run_torch_impl(torch_impl, device: torch.device):
+    """The caller's torch computation, autocast off: like the Triton configs it competes with, it
+    must compute in the launcher's dtype even when a backward runs inside an autocast region."""
+    with torch.autocast(device.type, enabled=False):
+        return torch_impl()
+
+
 @on_first_tensors_device
 def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias, activation: str, alpha: float,
                        save_preact: bool, allow_tf32: bool, torch_impl=None):
@@ -303,13 +329,14 @@ def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias, activation: 
     M, K = x.shape
     N = weight.shape[0]
     dtype, device = x.dtype, x.device
+    alpha = float(alpha)  # one compiled kernel per slope value, 0 and 0.0 alike
     acc, precision, upcast = _precision(dtype, allow_tf32)
     b = bias if bias is not None else weight  # never read when HAS_BIAS is False
     offset_dtype = _offset_dtype(x, weight, *([bias] if bias is not None else []))
 
     def launch(cfg):
         if cfg is tuning.TORCH_GEMM:
-            y, z = torch_impl()
+            y, z = _run_torch_impl(torch_impl, device)
             return _contiguous(y), (_contiguous(z) if save_preact else None)
         y = new_output((M, N), dtype=dtype, device=device)
         z = new_output((M, N), dtype=dtype, device=device) if save_preact else None
@@ -349,6 +376,7 @@ def linear_act_grad_input(grad: torch.Tensor, saved: torch.Tensor, weight: torch
     M, N = grad.shape
     K = weight.shape[1]
     dtype, device = grad.dtype, grad.device
+    alpha = float(alpha)
     if M == 0 or K == 0:
         return new_output((M, K), dtype=dtype, device=device)
     acc, precision, upcast = _precision(dtype, allow_tf32)
@@ -357,7 +385,7 @@ def linear_act_grad_input(grad: torch.Tensor, saved: torch.Tensor, weight: torch
 
     def launch(cfg):
         if cfg is tuning.TORCH_GEMM:
-            return _contiguous(torch_impl())
+            return _contiguous(_run_torch_impl(torch_impl, device))
         dx = new_output((M, K), dtype=dtype, device=device)
         grid = (cdiv(M, cfg.block_rows) * cdiv(K, cfg.block_cols),)
         linear_act_grad_input_kernel[grid](
@@ -382,10 +410,15 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def choose_split(M: int, tiles: int, block_rows: int, device: torch.device) -> int:
-    """How many row chunks dW uses: enough programs for ~2 waves, each chunk >= 4 row tiles."""
-    wanted = max(1, (2 * _multiprocessors(device)) // max(tiles, 1))
+    """How many row chunks dW uses: about one wave of programs (one per multiprocessor), each
+    chunk >= 4 row tiles. More chunks than that only add partial sums to write and read back:
+    a second wave runs after the first anyway."""
+    wanted = max(1, _multiprocessors(device) // max(tiles, 1))
     most = max(1, cdiv(M, 4 * block_rows))
     return min(wanted, most)
+
+
+_REDUCE_BLOCK = 1024
 
 
 @on_first_tensors_device
@@ -399,6 +432,7 @@ def linear_act_grad_weight(grad: torch.Tensor, saved: torch.Tensor, x: torch.Ten
     M, N = grad.shape
     K = x.shape[1]
     dtype, device = grad.dtype, grad.device
+    alpha = float(alpha)
     if not (compute_weight or compute_bias):
         return None, None
     acc, precision, upcast = _precision(dtype, allow_tf32)
@@ -410,29 +444,40 @@ def linear_act_grad_weight(grad: torch.Tensor, saved: torch.Tensor, x: torch.Ten
 
     def run(cfg, chunks: int):
         if cfg is tuning.TORCH_GEMM:
-            dw, db = torch_impl()
+            dw, db = _run_torch_impl(torch_impl, device)
             return _contiguous(dw), _contiguous(db)
         tiles = cdiv(N, cfg.block_rows) * (cdiv(K, cfg.block_cols) if kernel_dw else 1)
         if chunks is None:
             chunks = choose_split(M, tiles, cfg.block_red, device) if M > 0 else 1
         rows_per_split = cdiv(cdiv(M, chunks), cfg.block_red) * cfg.block_red
         chunks = max(1, cdiv(M, rows_per_split)) if M > 0 else 1
-        out_dtype = dtype if chunks == 1 else acc_torch_dtype(acc)
-        dw = new_output((chunks, N, K) if kernel_dw else (1, 1, 1), dtype=out_dtype, device=device)
-        db = new_output((chunks, N) if compute_bias else (1, 1), dtype=out_dtype, device=device)
+        dw_numel = N * K if kernel_dw else 0
+        if chunks == 1:  # the kernel writes dW and db in the output dtype directly
+            dw = new_output((N, K) if kernel_dw else (1, 1), dtype=dtype, device=device)
+            db = new_output((N,) if compute_bias else (1,), dtype=dtype, device=device)
+            dw_part, db_part = dw[None], db[None]
+        else:  # unrounded partials, one row [dW | db] per chunk, summed by reduce_partials_kernel
+            part = new_output((chunks, dw_numel + (N if compute_bias else 0)),
+                              dtype=acc_torch_dtype(acc), device=device)
+            dw_part = part[:, :dw_numel].view(chunks, N, K) if kernel_dw else part[:, None]  # unused
+            db_part = part[:, dw_numel:]
         linear_act_grad_weight_kernel[(tiles, chunks)](
-            grad, saved, x, dw, db, M, N, K, rows_per_split,
+            grad, saved, x, dw_part, db_part, M, N, K, rows_per_split,
             grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),
-            dw.stride(0), dw.stride(1), dw.stride(2), db.stride(0),
+            dw_part.stride(0), dw_part.stride(1), dw_part.stride(2), db_part.stride(0),
             ACTIVATION=activation, ALPHA=alpha, COMPUTE_DW=kernel_dw, COMPUTE_DB=compute_bias,
             ACC_DTYPE=acc, DOT_PRECISION=precision, UPCAST=upcast, OFFSET_DTYPE=offset_dtype,
             BLOCK_N=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_M=cfg.block_red, GROUP=cfg.group,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if not kernel_dw:
-            dw = torch.zeros((1, N, K), dtype=dtype, device=device)  # unused, or empty (K = 0)
-        if chunks > 1:  # fixed-order reduction of the fp32 partial sums
-            return (dw.sum(0).to(dtype) if compute_weight else None), (db.sum(0).to(dtype) if compute_bias else None)
-        return (dw[0] if compute_weight else None), (db[0] if compute_bias else None)
+        if chunks > 1:
+            dw = new_output((N, K) if kernel_dw else (1,), dtype=dtype, device=device)
+            db = new_output((N,) if compute_bias else (1,), dtype=dtype, device=device)
+            length = part.shape[1]
+            reduce_partials_kernel[(cdiv(length, _REDUCE_BLOCK),)](
+                part, dw, db, chunks, length, dw_numel, part.stride(0), BLOCK=_REDUCE_BLOCK)
+        if compute_weight and not kernel_dw:
+            dw = torch.zeros((N, K), dtype=dtype, device=device)  # K = 0: empty
+        return (dw if compute_weight else None), (db if compute_bias else None)
 
     if N == 0 or not (kernel_dw or compute_bias):
         dw = torch.zeros((N, K), dtype=dtype, device=device)

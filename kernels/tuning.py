@@ -126,13 +126,18 @@ def _capturing(device: torch.device) -> bool:
 def pick_config(key: tuple, candidates: List, device: torch.device, run: Callable) -> object:
     """The fastest of `candidates` for `key`, timed once with `run(config)` and cached.
 
-    With one candidate, with FASTMLP_AUTOTUNE=0, off CUDA, or during CUDA-graph capture (where
-    timing is impossible) the default config is used and nothing is cached.
+    FASTMLP_AUTOTUNE=0 means the default config, always: it is checked before the cache, so a
+    pick cached while autotuning was on (an earlier test, an earlier phase of a run) never leaks
+    into a run that asked for the default. With one candidate, off CUDA, or during CUDA-graph
+    capture (where timing is impossible) a cached pick is used if there is one, else the
+    default, and nothing new is cached.
     """
+    if not autotune_enabled():
+        return candidates[0]
     best = _best.get(key)
     if best is not None:
         return best
-    if len(candidates) == 1 or not autotune_enabled() or device.type != "cuda" or _capturing(device):
+    if len(candidates) == 1 or device.type != "cuda" or _capturing(device):
         return candidates[0]
     import triton.testing
 
