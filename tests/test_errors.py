@@ -39,10 +39,31 @@ def test_module_with_wrong_input_width():
 
 
 def test_unknown_activation_and_backend():
-    with pytest.raises(ValueError, match="activation"):
-        fastmlp.FusedLinearFunction.apply(torch.randn(2, 3), torch.randn(4, 3), None, "gelu")
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        fastmlp.FusedLinearFunction.apply(torch.randn(2, 3), torch.randn(4, 3), None, "swish")
     with pytest.raises(ValueError, match="unknown fastmlp backend 'cuda'"):
         fastmlp.set_backend("cuda")
+
+
+@pytest.mark.parametrize("activation,error,words", [
+    ("swish", ValueError, ["unknown activation 'swish'", "gelu_tanh"]),
+    (torch.nn.ELU(), ValueError, ["ELU(alpha=1.0)", "is not one fastmlp fuses"]),
+    (torch.nn.GELU, TypeError, ["activation must be None, a name", "got type"]),
+    (3, TypeError, ["got int"]),
+])
+def test_bad_activation_is_named(activation, error, words):
+    for make in (lambda: fastmlp.FusedLinear(3, 4, activation=activation),
+                 lambda: F.linear_act(torch.randn(2, 3), torch.randn(4, 3), None, activation)):
+        with pytest.raises(error) as info:
+            make()
+        for word in words:
+            assert word in str(info.value), str(info.value)
+
+
+def test_non_finite_activation_parameter_is_refused():
+    with pytest.raises(ValueError, match="finite float"):
+        fastmlp.FusedLinearFunction.apply(torch.randn(2, 3), torch.randn(4, 3), None,
+                                          "leaky_relu", float("nan"))
 
 
 def test_backend_switch_restores_previous():
