@@ -1,9 +1,12 @@
-"""fastmlp: fused Triton Linear(+bias)+ReLU layers, forward and backward, for PyTorch MLPs.
+"""fastmlp: fused Triton Linear(+bias)+activation layers, forward and backward, for PyTorch MLPs.
 
 Public API:
-    fastmlp.functional.linear_relu / linear    fused ops with torch.nn.functional.linear's signature
-    fastmlp.FusedLinearReLU / FusedLinear      drop-in modules (state_dicts interchange with nn.Linear)
-    fastmlp.fuse(module)                       replace every nn.Linear -> nn.ReLU pair in nn.Sequentials
+    fastmlp.ACTIVATIONS                        the activation names the kernels fuse
+    fastmlp.functional.linear_act / linear_relu / linear
+                                               fused ops with torch.nn.functional.linear's signature
+    fastmlp.FusedLinear(..., activation=...) / FusedLinearReLU
+                                               drop-in modules (state_dicts interchange with nn.Linear)
+    fastmlp.fuse(module)                       fuse Linear -> activation pairs in an existing model
     fastmlp.FusedLinearFunction                the autograd.Function behind them
     fastmlp.use_backend / get_backend          choose "auto", "triton" or "torch" (also FASTMLP_BACKEND)
 """
