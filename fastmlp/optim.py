@@ -10,7 +10,10 @@ and ``isinstance(opt, torch.optim.SGD)`` are torch's own: state dicts load both 
   all parameters of a group. The learning rate is read from a device tensor (the group's own lr if
   it is a tensor on that device, else a cached one-element copy), so the step can be captured in a
   CUDA graph; call :meth:`SGD.sync_lr` before replaying after changing a float lr.
-* Otherwise (CPU): torch's own implementations. torch picks the per-tensor loop on CPU by
+  :meth:`SGD.lr_tensors` says, per group, which tensors those are (None for a group torch's
+  implementation updates: its lr is a number, frozen in a captured graph).
+* Otherwise (CPU parameters; on CUDA float64 or non-contiguous parameters, sparse gradients,
+  the "torch" backend): torch's own implementations. torch picks the per-tensor loop on CPU by
   default; its fused kernel is one call for the whole group and measured faster or equal here,
   so a dense group of one dtype whose parameters all have momentum buffers, or none has (the
   fused kernel's first-step rule is all-or-nothing), calls ``torch._fused_sgd_`` directly
@@ -70,9 +73,15 @@ class SGD(torch.optim.SGD):
         self._lr_cache = {}     # (group index, device) -> (float lr, one-element fp32 tensor)
 
     def __setstate__(self, state):
-        # pickle/deepcopy keep torch's state only (Optimizer.__getstate__); rebuild the caches
+        # Two callers. pickle/deepcopy: a new object with torch's state only
+        # (Optimizer.__getstate__), so the caches are built here. Optimizer.load_state_dict: this
+        # live optimizer, and its caches stay. A captured CUDA graph reads the lr tensors and
+        # pointer tables in them; dropped, the graph would read freed memory and sync_lr would no
+        # longer reach it. Both stay valid: entries are keyed by group index and addresses and
+        # re-checked against the loaded values at every step and sync_lr.
         super().__setstate__(state)
-        self._init_runtime()
+        if "_lr_cache" not in self.__dict__:
+            self._init_runtime()
 
     # ---------------------------------------------------------------------------------------
     @staticmethod
@@ -86,6 +95,39 @@ class SGD(torch.optim.SGD):
                or not p.is_contiguous() for p in params):
             return False
         return backend.uses_triton(params[0].device, params[0].dtype)
+
+    def lr_tensors(self, group_index: int):
+        """The device tensors this group's next step reads its lr from; None if it takes a number.
+
+        For whoever captures the step in a CUDA graph (fastmlp.fit). A group the Triton kernel
+        updates loads its lr from device memory at every replay, so a new lr reaches the graph
+        (sync_lr, or an lr tensor on the device written in place) and these tensors are what the
+        graph points into. A group that torch's implementation updates (float64 or non-contiguous
+        parameters, sparse gradients, foreach/fused/differentiable asked for, the "torch" backend,
+        CPU parameters) takes its lr as a number, which a graph keeps as captured: None. Decided
+        as :meth:`step` decides, from the parameters that have a gradient now, or from all of
+        the group's if none has one yet (what a first step would see).
+
+        One entry per device of those parameters, in order of first appearance: the group's lr
+        itself if it is a tensor on that device, else the cached copy the kernel reads, or None
+        if that copy does not exist yet (no kernel step since this optimizer was built): a graph
+        cannot be reading it. () for a group without parameters.
+        """
+        group = self.param_groups[group_index]
+        params = [p for p in group["params"] if p.grad is not None] or list(group["params"])
+        if not params:
+            return ()
+        if not self._uses_triton(group, params, [p.grad for p in params if p.grad is not None]):
+            return None
+        lr = group["lr"]
+        out = []
+        for device in dict.fromkeys(p.device for p in params):
+            if isinstance(lr, torch.Tensor) and lr.device == device:
+                out.append(lr)
+            else:
+                entry = self._lr_cache.get((group_index, device))
+                out.append(None if entry is None else entry[1])
+        return tuple(out)
 
     def _lr_tensor(self, group_index, lr, device) -> torch.Tensor:
         """The group's lr as a one-element tensor on `device` that the kernel reads."""

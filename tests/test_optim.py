@@ -183,6 +183,57 @@ def test_sync_lr_follows_float_and_foreign_tensor_lrs():
     assert opt._lr_cache[(0, elsewhere)][0] == pytest.approx(0.025)
 
 
+def test_load_state_dict_keeps_the_kernels_lr_tensors(triton_backend, device):
+    """load_state_dict goes through __setstate__; the lr tensor the kernel reads (and a CUDA
+    graph captured before may read) survives it, and takes the loaded lr."""
+    ref = _params(SHAPES, device=device)
+    ours = _clone(ref)
+    opt_ref, opt = torch.optim.SGD(ref, lr=0.05), fastmlp.SGD(ours, lr=0.05)
+    _run_pair(opt, opt_ref, ours, ref, 2)
+    (read,) = opt.lr_tensors(0)
+    state = opt.state_dict()
+    state["param_groups"][0]["lr"] = 0.01
+    opt.load_state_dict(state)
+    opt_ref.load_state_dict(state)
+    assert opt.lr_tensors(0)[0] is read
+    opt.sync_lr()
+    assert read.item() == pytest.approx(0.01)
+    for step in range(2, 4):
+        _set_grads([ours, ref], step)
+        opt.step()
+        opt_ref.step()
+    assert opt.lr_tensors(0)[0] is read
+    _assert_params_close(ours, ref, 1e-6)
+
+
+def test_lr_tensors_says_which_groups_read_their_lr_from_the_device(triton_backend, device):
+    """The groups the kernel updates read a device lr tensor; those torch's implementation
+    updates (float64, non-contiguous, explicit foreach/fused) take a number: None."""
+    def param(*shape, dtype=torch.float32, transposed=False):
+        t = torch.randn(*shape, dtype=dtype, device=device)
+        return torch.nn.Parameter(t.t() if transposed else t)
+
+    lr = torch.tensor(0.1, device=device)
+    groups = [{"params": [param(3, 4), param(4)]},
+              {"params": [param(3, 4)], "lr": lr},
+              {"params": [param(3, 4, dtype=torch.float64)]},
+              {"params": [param(3, 4, transposed=True)]},
+              {"params": [param(3, 4)], "foreach": True},
+              {"params": [param(3, 4)], "fused": True}]
+    opt = fastmlp.SGD(groups, lr=0.05)
+    assert opt.lr_tensors(0) == (None,), "no kernel step yet: no lr tensor exists"
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.ones_like(p)
+    opt.step()
+    (cached,) = opt.lr_tensors(0)
+    assert cached.device.type == torch.device(device).type and cached.item() == pytest.approx(0.05)
+    assert opt.lr_tensors(1)[0] is lr
+    assert [opt.lr_tensors(i) for i in range(2, 6)] == [None] * 4
+    with fastmlp.use_backend("torch"):
+        assert opt.lr_tensors(0) is None
+
+
 @pytest.mark.parametrize("src,dst", [("fastmlp", "torch"), ("torch", "fastmlp")])
 def test_state_dict_interchange(src, dst):
     classes = {"fastmlp": fastmlp.SGD, "torch": torch.optim.SGD}
