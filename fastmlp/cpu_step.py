@@ -13,18 +13,22 @@ Contract with fit (fastmlp/train.py), the same for every step strategy:
 
 Why. On a CPU, a seed-sized step (64x1000 -> 100 -> 10) computes for ~0.2-0.3 ms, and the
 autograd engine, module calls and custom-op dispatch around it cost about as much again. For the
-models this project is about, an ``nn.Sequential`` of nn.Linear / FusedLinear / FusedLinearReLU /
-nn.ReLU / nn.Identity trained with MSELoss or CrossEntropyLoss, the backward is a fixed sequence
-of a few matrix products, so the step runs that sequence directly: the forward ops the modules
-run (addmm, relu), the backward ops autograd runs (mse_loss_backward, or nll_loss_backward +
-_log_softmax_backward_data; threshold_backward; mm; sum), the gradients stored in ``p.grad`` as
-autograd stores them.
+models this project is about, an ``nn.Sequential`` of nn.Linear / FusedLinear / FusedLinearReLU,
+each optionally followed by an activation module, trained with MSELoss or CrossEntropyLoss, the
+backward is a fixed sequence of a few matrix products and one activation backward per layer, so
+the step runs that sequence directly: the forward ops the modules run (addmm, then the
+activation's torch op from fastmlp.activations), the backward ops autograd runs
+(mse_loss_backward, or nll_loss_backward + _log_softmax_backward_data; the activation's own
+backward op with the tensor it saves; mm; sum), the gradients stored in ``p.grad`` as autograd
+stores them.
 """
 
 from typing import Optional
 
 import torch
 from torch import nn
+
+from fastmlp import activations as _activations
 
 __all__ = ["CPUStep", "ManualMLP"]
 
@@ -41,7 +45,7 @@ _mse_loss = torch._C._nn.mse_loss
 # --------------------------------------------------------------------------------------------
 class _ReLU:
     """relu in place on the fresh addmm output (nothing else holds it), and its backward from
-    the output, as torch's relu saves it."""
+    the output, as torch's relu saves it: the same values as the table's relu, one tensor fewer."""
 
     name = "relu"
 
@@ -54,6 +58,23 @@ class _ReLU:
         return _aten.threshold_backward(grad, y, 0)
 
 
+class _TableActivation:
+    """Any other row of fastmlp.activations: its torch forward (out of place), and its torch
+    backward op given the tensor the row says it saves."""
+
+    def __init__(self, row, alpha: float):
+        self.name = row.name
+        self.row, self.alpha = row, float(alpha)
+        self.saves = row.saves(self.alpha)
+
+    def forward(self, z):
+        return self.row.torch_forward(z, self.alpha)
+
+    def backward(self, grad, z, y):
+        saved = y if self.saves == "output" else z if self.saves == "preact" else None
+        return self.row.torch_backward(grad, saved, self.alpha)
+
+
 _RELU = _ReLU()
 _DECLINE = object()   # an activation the step does not compute: the model takes autograd
 
@@ -62,12 +83,21 @@ def _activation(name: str, alpha: float):
     """None (no activation), the step's activation for (name, alpha), or _DECLINE."""
     if name == "none":
         return None
-    return _RELU if name == "relu" else _DECLINE
+    if name == "relu":
+        return _RELU
+    try:
+        row = _activations.get(name)
+    except ValueError:
+        return _DECLINE
+    return _TableActivation(row, alpha)
 
 
 def _module_activation(module: nn.Module):
     """The activation an nn module applies (exact torch types only), or _DECLINE."""
-    return _RELU if type(module) is nn.ReLU else _DECLINE
+    if type(module) is nn.ReLU:
+        return _RELU
+    found = _activations.from_module(module)
+    return _DECLINE if found is None else _activation(*found)
 
 
 # --------------------------------------------------------------------------------------------

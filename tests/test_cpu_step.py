@@ -199,13 +199,15 @@ def test_cpu_fast_path_falls_back_when_it_must():
     class MyReLU(nn.ReLU):   # a subclass may compute something else
         pass
 
-    assert ManualMLP.build(nn.Sequential(nn.Linear(3, 3), nn.Tanh()), mse) is None
+    assert ManualMLP.build(nn.Sequential(nn.Linear(3, 3), nn.Softplus()), mse) is None
     assert ManualMLP.build(nn.Sequential(nn.Linear(3, 3), MyReLU()), mse) is None
     assert ManualMLP.build(nn.Sequential(nn.ReLU(), nn.Linear(3, 3)), mse) is None
     # one activation per layer (relu twice is relu: same values, same mask)
+    assert ManualMLP.build(nn.Sequential(nn.Linear(3, 3), nn.GELU(), nn.Tanh()), mse) is None
+    assert ManualMLP.build(nn.Sequential(fastmlp.FusedLinearReLU(3, 3), nn.Tanh()), mse) is None
     assert ManualMLP.build(nn.Sequential(fastmlp.FusedLinearReLU(3, 3), nn.ReLU()), mse) is not None
     unknown = fastmlp.FusedLinear(3, 3)
-    unknown.activation = "gelu"            # not computed by this step: autograd
+    unknown.activation = "softplus"        # a name the table does not have
     assert ManualMLP.build(nn.Sequential(unknown), mse) is None
     assert ManualMLP.build(_mlp(), nn.L1Loss()) is None
     assert ManualMLP.build(_mlp(), nn.CrossEntropyLoss(label_smoothing=0.1)) is None
@@ -225,3 +227,86 @@ def test_cpu_fast_path_falls_back_when_it_must():
                     fastmlp.SGD(model.parameters(), lr=0.01), epochs=1, progress=False)
     assert len(calls) == 4
     assert _max_rel_err(hooked, plain) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations: nn modules after a Linear, and fused layers
+# ---------------------------------------------------------------------------------------------
+ACTIVATION_MODULES = [nn.ReLU(), nn.LeakyReLU(), nn.LeakyReLU(0.2), nn.LeakyReLU(-0.1), nn.GELU(),
+                      nn.GELU(approximate="tanh"), nn.SiLU(), nn.Sigmoid(), nn.Tanh()]
+
+
+def _fused_layer(d_in, d_out, activation):
+    try:
+        return fastmlp.FusedLinear(d_in, d_out, activation=activation)
+    except TypeError:   # a FusedLinear without activation=: the two classes it then has
+        return {"relu": fastmlp.FusedLinearReLU, "none": fastmlp.FusedLinear}[activation](d_in, d_out)
+
+
+def _fit_both_ways(make_model, loss_fn, monkeypatch, momentum=0.5):
+    """Train two copies with fit, through the CPU step and through autograd (counted): the two
+    models, and how many backward() calls each made."""
+    backward_calls = []
+    original_backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward",
+                        lambda self, *a, **k: backward_calls.append(1) or original_backward(self, *a, **k))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(96, 12, generator=g)
+    y = torch.randn(96, 5, generator=g)
+    models, calls = [make_model(), make_model()], []
+    for model, fast in zip(models, (True, False)):
+        fastmlp.fit(model, fastmlp.TensorLoader(x, y, batch_size=32), loss_fn,
+                    fastmlp.SGD(model.parameters(), lr=0.05, momentum=momentum), epochs=2,
+                    progress=False, cpu_fast_path=fast)
+        calls.append(len(backward_calls) - sum(calls))
+    return models, calls
+
+
+@pytest.mark.parametrize("act", ACTIVATION_MODULES, ids=repr)
+@pytest.mark.parametrize("on_output", [False, True], ids=["hidden", "hidden+output"])
+def test_cpu_step_trains_activation_modules_as_autograd(act, on_output, monkeypatch):
+    """nn.Sequential(nn.Linear, <activation>, nn.Linear[, <activation>]): the CPU step takes it
+    (no backward() call) and ends with autograd's weights and gradients."""
+    from fastmlp.cpu_step import ManualMLP
+
+    def make():
+        torch.manual_seed(0)
+        layers = [nn.Linear(12, 20), copy.deepcopy(act), nn.Linear(20, 5)]
+        return nn.Sequential(*layers, *([copy.deepcopy(act)] if on_output else []))
+
+    assert ManualMLP.build(make(), nn.MSELoss()) is not None
+    (fast, ref), calls = _fit_both_ways(make, nn.MSELoss(), monkeypatch)
+    assert calls == [0, 6]
+    assert _max_rel_err(fast, ref) < 1e-6
+    for p_fast, p_ref in zip(fast.parameters(), ref.parameters()):
+        torch.testing.assert_close(p_fast.grad, p_ref.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", fastmlp.ACTIVATIONS)
+def test_cpu_step_trains_fused_activations_as_autograd(name, monkeypatch):
+    """FusedLinear(activation=name) for every activation fastmlp has: the CPU step ends with the
+    weights autograd (through FusedLinearFunction) gives."""
+    from fastmlp.cpu_step import ManualMLP
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(_fused_layer(12, 20, name), _fused_layer(20, 16, name),
+                             nn.Linear(16, 5))
+
+    assert ManualMLP.build(make(), nn.MSELoss()) is not None
+    (fast, ref), calls = _fit_both_ways(make, nn.MSELoss(), monkeypatch)
+    assert calls == [0, 6]
+    assert _max_rel_err(fast, ref) < 1e-6
+
+
+def test_cpu_step_reads_a_fused_layers_activation_and_its_parameter():
+    """The activation comes from the layer's .activation and .activation_alpha (leaky_relu's
+    slope), and an nn module's from fastmlp.activations.from_module."""
+    from fastmlp.cpu_step import ManualMLP
+
+    layer = fastmlp.FusedLinear(4, 4)
+    layer.activation, layer.activation_alpha = "leaky_relu", 0.2
+    built = ManualMLP.build(nn.Sequential(layer, nn.Linear(4, 4), nn.LeakyReLU(-0.3)), nn.MSELoss())
+    (_, _, first), (_, _, second) = built.layers
+    assert (first.name, first.alpha, first.saves) == ("leaky_relu", 0.2, "output")
+    assert (second.name, second.alpha, second.saves) == ("leaky_relu", -0.3, "preact")
