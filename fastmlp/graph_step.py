@@ -76,7 +76,7 @@ def uncapturable_reason(optimizer) -> Optional[str]:
             value = group.get(key)
             if not isinstance(value, torch.Tensor) or value.device.type == "cpu":
                 continue
-            if key == "lr" and _reads_lr_tensor(optimizer, gi, group, value, lr_tensors):
+            if key == "lr" and _reads_lr_tensor(gi, group, value, lr_tensors):
                 continue
             return (f"param group {gi}'s {key} is a tensor on {value.device}, which "
                     f"{type(optimizer).__name__}'s update reads back as a number (.item(), a host "
@@ -84,13 +84,15 @@ def uncapturable_reason(optimizer) -> Optional[str]:
     return None
 
 
-def _reads_lr_tensor(optimizer, gi, group, lr, lr_tensors) -> bool:
-    """True if this group's update reads the device tensor `lr` itself (see uncapturable_reason)."""
+def _reads_lr_tensor(gi, group, lr, lr_tensors) -> bool:
+    """True if this group's update reads the device tensor `lr` itself (see uncapturable_reason).
+    Decided, like fastmlp.SGD.lr_tensors, from the parameters with a gradient, or from all of
+    them before the first step."""
     if lr_tensors is not None:
         read = lr_tensors(gi)
         if read is not None:
             return all(t is lr for t in read)
-    params = [p for p in group["params"] if p.grad is not None]
+    params = [p for p in group["params"] if p.grad is not None] or list(group["params"])
     return bool(group.get("fused")) and all(p.device == lr.device for p in params)
 
 

@@ -236,6 +236,10 @@ def test_uncapturable_optimizer_steps():
             opt.param_groups[0][key] = gpu(value)
             reason = uncapturable_reason(opt)
             assert reason is not None and f"{key} is a tensor on meta" in reason, reason
+    # torch's fused SGD loads a tensor lr on its parameters' device, not one elsewhere
+    fused = torch.optim.SGD(params, lr=0.1, fused=True)
+    fused.param_groups[0]["lr"] = gpu(0.1)
+    assert "lr is a tensor on meta" in uncapturable_reason(fused)
     adam = torch.optim.Adam(params, lr=0.1, capturable=True)
     adam.param_groups[0]["lr"] = gpu(0.1)
     assert uncapturable_reason(adam) is None
@@ -370,12 +374,12 @@ def test_cuda_graph_survives_changes_between_fit_calls(opt_name):
 @pytest.mark.gpu
 def test_cuda_graph_with_cuda_tensor_lrs():
     """torch.optim.SGD's default (foreach) step calls .item() on a CUDA tensor lr: auto trains
-    eagerly and says so once; True refuses. fastmlp.SGD's kernel reads such an lr in place: it
-    is captured, and an in-place change reaches the graph."""
+    eagerly and says so once; True refuses. fastmlp.SGD's kernel and torch's fused SGD read
+    such an lr in place: captured, and an in-place change reaches the graph."""
     x, y = _regression_data(n=80)
     loader = fastmlp.TensorLoader(x, y, batch_size=16, device="cuda")
     ref = fastmlp.fuse(_seed_like(device="cuda"))
-    models = {name: copy.deepcopy(ref) for name in ("torch", "fastmlp")}
+    models = {name: copy.deepcopy(ref) for name in ("torch", "torch-fused", "fastmlp")}
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.01)
     halve_ref = lambda e, logs: ref_opt.param_groups[0].update(lr=ref_opt.param_groups[0]["lr"] / 2)  # noqa: E731
     fastmlp.fit(ref, loader, nn.MSELoss(), ref_opt, epochs=3, cuda_graph=False, progress=False,
@@ -383,11 +387,18 @@ def test_cuda_graph_with_cuda_tensor_lrs():
     from fastmlp.graph_step import cached
     for name, model in models.items():
         lr = torch.tensor(0.01, device="cuda")
-        opt = (torch.optim.SGD if name == "torch" else fastmlp.SGD)(model.parameters(), lr=lr)
+        if name == "fastmlp":
+            opt = fastmlp.SGD(model.parameters(), lr=lr)
+        else:
+            opt = torch.optim.SGD(model.parameters(), lr=lr, fused=name == "torch-fused")
+        def halve(epoch, logs, lr=lr):   # in place; returns None (a true value stops fit)
+            lr.mul_(0.5)
+
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            fastmlp.fit(model, loader, nn.MSELoss(), opt, epochs=3, progress=False,
-                        callbacks=[lambda e, logs: lr.mul_(0.5)])
+            history = fastmlp.fit(model, loader, nn.MSELoss(), opt, epochs=3, progress=False,
+                                  callbacks=[halve])
+        assert len(history["loss"]) == 3
         ours = [w for w in caught if "CUDA graph" in str(w.message)]
         if name == "torch":
             assert len(ours) == 1 and cached(model) is None
