@@ -18,7 +18,8 @@ _ensure_kernels_importable(__path__)
 from fastmlp import functional  # noqa: E402
 from fastmlp.backend import get_backend, set_backend, use_backend  # noqa: E402
 from fastmlp.data import TensorLoader  # noqa: E402
-from fastmlp.nn import FusedLinear, FusedLinearReLU, fuse  # noqa: E402
+from fastmlp.nn import FusedLinear, FusedLinearReLU  # noqa: E402
+from fastmlp.fuse import fuse  # noqa: E402
 from fastmlp.ops import ACTIVATIONS, FusedLinearFunction  # noqa: E402
 from fastmlp.optim import SGD  # noqa: E402
 from fastmlp.train import fit  # noqa: E402

@@ -61,26 +61,3 @@ def fused_from(linear: nn.Linear, activation=None, alpha=None) -> FusedLinear:
     fused.train(linear.training)
     return fused
 
-
-def fuse(module: nn.Module) -> nn.Module:
-    """Replace every nn.Linear (or FusedLinear without activation) directly followed by a
-    supported activation module inside an nn.Sequential.
-
-    The Linear slot becomes a FusedLinear sharing the original parameters and the activation
-    slot becomes nn.Identity, so state_dict keys stay the same. Only exact nn.Linear /
-    FusedLinear instances are fused (a user's subclass of nn.Linear may compute something else).
-    Works in place on any module tree and returns `module`.
-    """
-    for sub in module.modules():
-        if not isinstance(sub, nn.Sequential):
-            continue
-        names = list(sub._modules.keys())
-        for first, second in zip(names, names[1:]):
-            lin, act = sub._modules[first], sub._modules[second]
-            if not (type(lin) is nn.Linear or (type(lin) is FusedLinear and lin.activation == "none")):
-                continue
-            found = activations.from_module(act) if act is not None else None
-            if found is not None:
-                sub._modules[first] = fused_from(lin, found[0], found[1])
-                sub._modules[second] = nn.Identity()
-    return module

@@ -1,0 +1,710 @@
+"""fuse(model): compute each Linear that is followed by a supported activation in one fused kernel.
+
+Where it looks:
+
+* ``nn.Sequential`` (and subclasses that keep its forward, such as torchvision's ``MLP``): a Linear
+  slot directly followed by an activation module slot.
+* every other module with a ``forward`` of its own: its forward is traced with ``torch.fx``, one
+  module at a time and with every submodule kept as a single call (so a block that cannot be
+  traced, or torch's own modules, do not stop their children from being fused). A Linear's call
+  whose only user is an activation is a pair: an activation module (``self.act(self.fc1(x))``,
+  also a parameterless wrapper module whose forward is one supported call, like Hugging Face's
+  ``GELUActivation``) or a call that ``fastmlp.activations.from_call`` recognises (``F.gelu(h)``,
+  ``torch.tanh(h)``, ``h.relu()``, ``F.leaky_relu(h, 0.2)``, ``F.relu(h, inplace=True)``, ...).
+
+How a pair is rewritten (the Linear always becomes a ``FusedLinear`` built on the meta device
+that holds the Linear's own weight and bias Parameters: never a copy):
+
+* Sequential: the Linear slot becomes the FusedLinear and the activation slot ``nn.Identity``.
+* activation module called only there: the same, in place, under the same attribute names; the
+  module's forward is not touched (``Identity(fused(x))`` is what it already computes).
+* functional activation, or an activation module that is also used elsewhere: the module's
+  forward must change, so it is replaced, in its parent, by a ``torch.fx.GraphModule`` of its
+  traced forward in which the activation's users read the fused call instead. That GraphModule
+  keeps every submodule, parameter, buffer and public attribute of the module (also through
+  deepcopy and pickle), in the same order, so ``state_dict`` keys and ``named_parameters()`` stay
+  the same; an activation module that is used elsewhere stays as it was. When the model itself is
+  rewritten, the returned object is a new module: always use ``fuse``'s return value.
+
+What it leaves (each with its reason in the report): a Linear whose output has other users, a
+Linear called more than once or reachable under several names (shared), a subclass of nn.Linear
+(it may compute something else), a Linear or activation with hooks, a Linear under a forward that
+torch.fx cannot trace or inside torch's own modules, a pair whose traced dataflow differs between
+training and eval mode, with and without grad, or with optional forward arguments left at their
+defaults (the trace could not stand for every call), and a pair that needs a forward rewritten when
+that module cannot be rewritten faithfully (hooks, optional arguments, custom state_dict
+methods, mode-dependent forward, shared).
+
+The work is three passes over the model (analyse, decide, apply); a pass that fuses longer
+chains (``mlp=True``: Linear-act-...-Linear into a FusedMLP) would read the same per-block
+analysis (the Sequential slots or the traced graph) and add its own decisions before ``apply``.
+"""
+
+import copy
+import inspect
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fastmlp import activations
+from fastmlp.nn import FusedLinear, fused_from
+
+__all__ = ["fuse", "FuseEntry", "FuseReport"]
+
+_LAST_IN_SEQUENTIAL = "last module of its nn.Sequential: nothing follows it there"
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+# nn.Module methods whose override means a rewritten GraphModule would not save/load the same state.
+_STATE_METHODS = ("state_dict", "load_state_dict", "_save_to_state_dict", "_load_from_state_dict",
+                  "get_extra_state", "set_extra_state", "__getstate__", "__setstate__")
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FuseEntry:
+    """One Linear of the model: its qualified name, the activation after it (as repr shows it,
+    None when none was found) and the outcome: "fused", "already fused", or why it was left."""
+
+    name: str
+    activation: Optional[str]
+    outcome: str
+
+    @property
+    def fused(self) -> bool:
+        return self.outcome == "fused"
+
+    def __str__(self) -> str:
+        act = f" + {self.activation}" if self.activation else ""
+        done = self.outcome in ("fused", "already fused")
+        verdict = self.outcome if done else f"left: {self.outcome}"
+        return f"{self.name or '(the model)'}{act}: {verdict}"
+
+
+class FuseReport(list):
+    """The FuseEntry of every nn.Linear (and subclass) in the model, in module order."""
+
+    @property
+    def fused(self) -> List[FuseEntry]:
+        return [e for e in self if e.fused]
+
+    def __str__(self) -> str:
+        lines = [f"fastmlp.fuse: fused {len(self.fused)} of {len(self)} Linear layers"]
+        lines += [f"  {e}" for e in self]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Tracing one module's own forward
+# --------------------------------------------------------------------------------------------
+class _ChildrenAsLeaves(fx.Tracer):
+    """Traces only the root's forward: every submodule call stays one call_module node (its own
+    forward is the business of its own trace)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _trace(module: nn.Module, training: bool, grad: bool, concrete_args=None) -> fx.Graph:
+    """module's forward traced with module.training and grad mode set as asked (restored after)."""
+    was = module.training
+    module.training = training
+    try:
+        with torch.set_grad_enabled(grad):
+            return _ChildrenAsLeaves().trace(module, concrete_args=concrete_args)
+    finally:
+        module.training = was
+
+
+def _forward_optionals(module: nn.Module) -> Tuple[Dict[str, object], List[str]]:
+    """The forward's parameters with defaults ({name: default}) and its *args/**kwargs names."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return {}, []
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    varargs = [p.name for p in params if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return defaults, varargs
+
+
+def _code(graph: fx.Graph) -> str:
+    return graph.python_code("self").src
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    text = text[0] if text else ""
+    text = text if len(text) <= 160 else text[:157] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# What is an activation, what is a Linear fuse may replace
+# --------------------------------------------------------------------------------------------
+def _is_candidate_linear(m) -> bool:
+    """Exact nn.Linear, or a FusedLinear without activation; never a subclass (it may compute
+    something else)."""
+    return type(m) is nn.Linear or (type(m) is FusedLinear and m.activation == "none")
+
+
+def _hooks(m: nn.Module) -> List[str]:
+    return [name.strip("_") for name in _HOOK_DICTS if getattr(m, name, None)]
+
+
+def _is_torch_module(m: nn.Module) -> bool:
+    """One of torch's own module classes (its forward is torch's, often with fast paths that a
+    trace would freeze). An fx.GraphModule is code fx wrote: fuse traces it like a user's."""
+    return type(m).__module__.split(".")[0] == "torch" and not isinstance(m, fx.GraphModule)
+
+
+def _has_own_forward(m: nn.Module) -> bool:
+    return getattr(type(m), "forward", None) is not nn.Module.forward
+
+
+def _wrapper_activation(m: nn.Module) -> Optional[Tuple[str, float]]:
+    """(name, alpha) for a user's parameterless module whose forward is one supported activation
+    call on its input, the same in training and eval mode (e.g. Hugging Face's GELUActivation)."""
+    if (_is_torch_module(m) or not _has_own_forward(m) or m._modules or m._parameters
+            or m._buffers or _forward_optionals(m) != ({}, [])):
+        return None
+    found = None
+    try:
+        graphs = [_trace(m, True, True), _trace(m, False, False)]
+    except Exception:  # noqa: BLE001 - untraceable: not an activation fuse can see
+        return None
+    if _code(graphs[0]) != _code(graphs[1]):
+        return None
+    nodes = list(graphs[0].nodes)
+    if len(nodes) != 3 or nodes[0].op != "placeholder" or nodes[2].op != "output":
+        return None
+    x, call, out = nodes
+    if call.op in ("call_function", "call_method") and call.args and call.args[0] is x \
+            and out.args == (call,) and not _uses(call.args[1:], call.kwargs, x):
+        found = activations.from_call(call.op, call.target, tuple(call.args[1:]), dict(call.kwargs))
+    return found
+
+
+def _uses(args, kwargs, node: fx.Node) -> bool:
+    """Whether node appears among args/kwargs (nested containers included)."""
+    seen = []
+    fx.node.map_arg((tuple(args), dict(kwargs)), lambda n: seen.append(n) or n)
+    return any(n is node for n in seen)
+
+
+# --------------------------------------------------------------------------------------------
+# Analysis records
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Block:
+    """One module of the model as fuse sees it.
+
+    kind: "sequential" (slots), "traced" (graph), "untraceable" (error), "torch" (torch's own
+    module with children: its forward is not fuse's to change), "container" (no forward of its
+    own: ModuleList, ModuleDict), "skipped" (custom forward, no Linear below: not traced).
+    """
+
+    module: nn.Module
+    name: str
+    kind: str
+    graph: Optional[fx.Graph] = None
+    variants: List[Tuple[str, fx.Graph]] = field(default_factory=list)
+    error: str = ""
+    rewrite: list = field(default_factory=list)    # pairs fused by rewriting the forward
+    in_place: list = field(default_factory=list)   # pairs fused by swapping modules in place
+
+    @property
+    def label(self) -> str:
+        return self.name or "the model"
+
+
+@dataclass
+class _Pair:
+    linear_path: str                   # inside the block (a slot key for Sequentials)
+    linear: nn.Module
+    act: Tuple[str, float]
+    act_path: Optional[str]            # None for a functional activation
+    act_module: Optional[nn.Module]
+    nodes: Optional[Tuple[fx.Node, fx.Node]] = None   # (Linear call, activation call)
+
+
+class _Fuser:
+    """One fuse call: the model's module tree (names, owners, call sites), the analysis of each
+    block, the decisions, and the report entries."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.names: Dict[int, List[str]] = {}
+        for name, m in model.named_modules(remove_duplicate=False):
+            self.names.setdefault(id(m), []).append(name)
+        self.owners: Dict[int, List[Tuple[nn.Module, str]]] = {}
+        self.order: List[Tuple[str, nn.Module]] = []     # unique modules, children first
+        self._post_order(model, "", set())
+        for _, m in self.order:
+            for attr, child in m._modules.items():
+                if child is not None:
+                    self.owners.setdefault(id(child), []).append((m, attr))
+        self.calls: Counter = Counter()     # call sites of each module seen in forwards fuse read
+        self.blocks: Dict[int, _Block] = {}
+        self.entries: Dict[int, FuseEntry] = {}
+        self._wrappers: Dict[int, Optional[Tuple[str, float]]] = {}
+
+    def _post_order(self, m, name, seen):
+        if id(m) in seen:
+            return
+        seen.add(id(m))
+        for attr, child in m._modules.items():
+            if child is not None:
+                self._post_order(child, f"{name}.{attr}" if name else attr, seen)
+        self.order.append((name, m))
+
+    def name_of(self, m) -> str:
+        return self.names[id(m)][0]
+
+    def module_activation(self, m) -> Optional[Tuple[str, float]]:
+        if m is None:
+            return None
+        found = activations.from_module(m)
+        if found is None:
+            if id(m) not in self._wrappers:
+                self._wrappers[id(m)] = _wrapper_activation(m)
+            found = self._wrappers[id(m)]
+        return found
+
+    # ---------------------------------------------------------------- pass 1: analyse
+    def analyse(self):
+        for name, m in self.order:
+            if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
+                block = _Block(m, name, "sequential")
+                for child in m._modules.values():
+                    if child is not None:
+                        self.calls[id(child)] += 1
+            elif not m._modules:
+                continue  # a leaf: nothing to fuse inside
+            elif not _has_own_forward(m):
+                block = _Block(m, name, "container")
+            elif _is_torch_module(m):
+                block = _Block(m, name, "torch")
+                self._unknown_callers(m)
+            elif not any(_is_candidate_linear(d) for d in m.modules()):
+                block = _Block(m, name, "skipped")
+            else:
+                block = self._trace_block(m, name)
+            self.blocks[id(m)] = block
+
+    def _unknown_callers(self, m):
+        """m's forward is not read: count one unknown call of each module it can reach directly
+        (its children, and through ModuleList/ModuleDict containers their items)."""
+        for child in m._modules.values():
+            if child is None:
+                continue
+            self.calls[id(child)] += 1
+            if not _has_own_forward(child):
+                self._unknown_callers(child)
+
+    def _trace_block(self, m, name) -> _Block:
+        defaults, varargs = _forward_optionals(m)
+        plans = [("in training mode", True, True, None),
+                 ("in eval mode without grad", False, False, None)]
+        if defaults:
+            plans.append(("with its optional arguments at their defaults", True, True, defaults))
+        variants = []
+        try:
+            for label, training, grad, concrete in plans:
+                variants.append((label, _trace(m, training, grad, concrete)))
+        except Exception as exc:  # noqa: BLE001 - any failure means: fuse cannot read this forward
+            self._unknown_callers(m)
+            if not variants:
+                return _Block(m, name, "untraceable", error=_short(exc))
+            # The main trace worked, a variant did not: its calls are unknown, and the block's
+            # pairs are refused (_agree_across_variants), but what the main trace saw still
+            # counts.
+        # Call sites: the most any one variant makes of each module.
+        most = Counter()
+        for _, g in variants:
+            here = Counter(id(m.get_submodule(n.target)) for n in g.nodes if n.op == "call_module")
+            most |= here
+        self.calls.update(most)
+        if len(variants) < len(plans):
+            variants.append((plans[len(variants)][0], None))   # a variant fuse could not trace
+        main = variants[0][1]
+        return _Block(m, name, "traced", graph=main, variants=variants)
+
+    # ---------------------------------------------------------------- pass 2: decide
+    def decide(self):
+        for _, m in self.order:
+            if _is_linear_like(m) and id(m) not in self.entries:
+                self.entries[id(m)] = self._default_entry(m)
+        for block in self.blocks.values():
+            if block.kind == "sequential":
+                self._decide_sequential(block)
+            elif block.kind == "traced":
+                self._decide_traced(block)
+
+    def _default_entry(self, lin) -> FuseEntry:
+        name = self.name_of(lin)
+        if not _is_candidate_linear(lin):
+            if isinstance(lin, FusedLinear):
+                return FuseEntry(name, activations.describe(lin.activation, lin.activation_alpha),
+                                 "already fused")
+            return FuseEntry(name, None, f"a subclass of nn.Linear ({type(lin).__name__}): it may "
+                                         f"compute something else")
+        caller = self._caller_block(lin)
+        if caller is None:
+            why = "not called from any forward fuse could trace"
+        elif caller.kind == "untraceable":
+            why = f"{caller.label}'s forward could not be traced by torch.fx ({caller.error})"
+        elif caller.kind == "torch":
+            why = (f"inside {type(caller.module).__name__} ({caller.label}), torch's own module, "
+                   f"whose forward fuse does not change")
+        elif caller.kind == "sequential":
+            why = _LAST_IN_SEQUENTIAL
+        else:
+            why = f"not called in {caller.label}'s traced forward"
+        return FuseEntry(name, None, why)
+
+    def _caller_block(self, m) -> Optional[_Block]:
+        """The nearest ancestor with a forward of its own (ModuleList/ModuleDict skipped)."""
+        while id(m) in self.owners:
+            m = self.owners[id(m)][0][0]
+            block = self.blocks.get(id(m))
+            if block is not None and block.kind != "container":
+                return block
+        return None
+
+    def _linear_blocker(self, lin) -> Optional[str]:
+        owners = self.names[id(lin)]
+        if len(self.owners.get(id(lin), ())) > 1:
+            return f"shared: the same module is also {', '.join(owners[1:])}"
+        if self.calls[id(lin)] > 1:
+            return f"shared: called at {self.calls[id(lin)]} places"
+        hooks = _hooks(lin)
+        if hooks:
+            return f"has {', '.join(hooks)} registered (fusing would change what they see)"
+        if not isinstance(lin._parameters.get("weight"), nn.Parameter):
+            return "its weight is not an nn.Parameter"
+        return None
+
+    def _act_blocker(self, act_module, act_label) -> Optional[str]:
+        hooks = _hooks(act_module) if act_module is not None else []
+        if hooks:
+            return f"its activation {act_label} has {', '.join(hooks)} registered"
+        return None
+
+    def _record(self, lin, act, outcome):
+        desc = activations.describe(*act) if act is not None else None
+        self.entries[id(lin)] = FuseEntry(self.name_of(lin), desc, outcome)
+
+    def _decide_sequential(self, block):
+        seq = block.module
+        keys = list(seq._modules)
+        for first, second in zip(keys, keys[1:] + [None]):
+            lin = seq._modules[first]
+            if not _is_candidate_linear(lin):
+                continue
+            if second is None:
+                self._record(lin, None, _LAST_IN_SEQUENTIAL)
+                continue
+            nxt = seq._modules[second]
+            act = self.module_activation(nxt)
+            why = self._linear_blocker(lin)
+            if why is None and act is None:
+                why = f"followed by {type(nxt).__name__}, not a supported activation"
+            if why is None:
+                why = self._act_blocker(nxt, f"{type(nxt).__name__} ({self.name_of(nxt)})")
+            if why is not None:
+                self._record(lin, act, why)
+                continue
+            block.in_place.append(_Pair(first, lin, act, second, nxt))
+            self._record(lin, act, "fused")
+
+    def _decide_traced(self, block):
+        m, graph = block.module, block.graph
+        for node in graph.nodes:
+            if node.op != "call_module":
+                continue
+            lin = m.get_submodule(node.target)
+            if not _is_candidate_linear(lin):
+                continue
+            why = self._linear_blocker(lin)
+            pair, shape = self._pair_at(m, node)
+            act = pair.act if pair is not None else None
+            why = why or shape
+            if why is None:
+                why = self._agree_across_variants(block, pair)
+            if why is None and pair.act_module is not None:
+                why = self._act_blocker(pair.act_module, pair.act_path)
+            if why is None and not self._swappable_path(m, node.target):
+                why = f"called through {node.target}, a path that passes a shared module"
+            if why is None:
+                if self._act_in_place(m, pair):
+                    block.in_place.append(pair)
+                else:
+                    blocker = self._rewrite_blocker(block)
+                    if blocker is not None:
+                        kind = ("is a function call" if pair.act_module is None
+                                else f"module {pair.act_path} is also used elsewhere")
+                        why = (f"its activation {kind}, so {block.label}'s forward would have "
+                               f"to be rewritten, and it cannot be: {blocker}")
+                    else:
+                        block.rewrite.append(pair)
+            self._record(lin, act, why or "fused")
+
+    def _pair_at(self, m, node) -> Tuple[Optional[_Pair], Optional[str]]:
+        """The activation fed by the Linear call `node`, if it is its only user."""
+        users = list(node.users)
+        lin = m.get_submodule(node.target)
+        if not users:
+            return None, "its output is not used"
+        if len(users) > 1:
+            return None, (f"its output has {len(users)} users "
+                          f"({', '.join(_describe_node(m, u) for u in users)})")
+        user = users[0]
+        act, act_module, act_path = None, None, None
+        if user.op == "call_module":
+            act_module = m.get_submodule(user.target)
+            if user.args == (node,) and not user.kwargs:
+                act, act_path = self.module_activation(act_module), user.target
+        elif user.op in ("call_function", "call_method") and user.args and user.args[0] is node \
+                and not _uses(user.args[1:], user.kwargs, node):
+            act = activations.from_call(user.op, user.target, tuple(user.args[1:]),
+                                        dict(user.kwargs))
+        if act is None and user.op == "output":
+            return None, "its output is the forward's result: no activation follows it there"
+        if act is None:
+            return None, f"its output goes to {_describe_node(m, user)}, not a supported activation"
+        return _Pair(node.target, lin, act, act_path, act_module if act_path else None,
+                     (node, user)), None
+
+    def _agree_across_variants(self, block, pair) -> Optional[str]:
+        """The same pair, the same way, in every traced variant of the forward."""
+        target = pair.linear_path
+        for label, g in block.variants[1:]:
+            if g is None:
+                return f"{block.label}'s forward could not be traced {label}"
+            nodes = [n for n in g.nodes if n.op == "call_module" and n.target == target]
+            other = self._pair_at(block.module, nodes[0])[0] if len(nodes) == 1 else None
+            same = other is not None and (other.act, other.act_path, other.nodes[1].op,
+                                          other.nodes[1].target) == \
+                (pair.act, pair.act_path, pair.nodes[1].op, pair.nodes[1].target)
+            if not same:
+                return (f"{block.label}'s forward takes another path {label} "
+                        f"(the trace would not hold for every call)")
+        return None
+
+    def _swappable_path(self, m, path) -> bool:
+        """Every module between m and path's end has one owner (so a swap changes only this)."""
+        *prefix, _ = path.split(".")
+        for i in range(len(prefix)):
+            if len(self.owners.get(id(m.get_submodule(".".join(prefix[:i + 1]))), ())) != 1:
+                return False
+        return True
+
+    def _act_in_place(self, m, pair) -> bool:
+        """Whether the activation module can become nn.Identity where it is: called only here and
+        owned only by one module (then the forward stays as it is)."""
+        act = pair.act_module
+        return (act is not None and self.calls[id(act)] == 1
+                and len(self.owners.get(id(act), ())) == 1
+                and self._swappable_path(m, pair.act_path))
+
+    def _rewrite_blocker(self, block) -> Optional[str]:
+        m = block.module
+        if len(self.owners.get(id(m), ())) > 1:
+            return f"it is shared (also {', '.join(self.names[id(m)][1:])})"
+        hooks = _hooks(m)
+        if hooks:
+            return f"it has {', '.join(hooks)} registered"
+        custom = [meth for meth in _STATE_METHODS
+                  if getattr(type(m), meth, None) is not getattr(nn.Module, meth, None)
+                  and not isinstance(m, fx.GraphModule)]
+        if custom:
+            return f"{type(m).__name__} defines its own {', '.join(custom)}"
+        defaults, varargs = _forward_optionals(m)
+        if defaults or varargs:
+            names = [f"{k}={v!r}" for k, v in defaults.items()] + [f"*{v}" for v in varargs]
+            return f"its forward takes optional arguments ({', '.join(names)}), which a trace fixes"
+        codes = {_code(g) for _, g in block.variants if g is not None}
+        if len(codes) > 1:
+            return "its traced forward differs between training and eval mode or with/without grad"
+        return None
+
+    # ---------------------------------------------------------------- pass 3: apply
+    def apply(self) -> nn.Module:
+        result = self.model
+        for _, m in self.order:
+            block = self.blocks.get(id(m))
+            if block is None:
+                continue
+            for pair in block.in_place:
+                _set_path(m, pair.linear_path, fused_from(pair.linear, *pair.act))
+                _set_path(m, pair.act_path, _identity_like(pair.act_module))
+            if block.rewrite:
+                new = self._rewritten(block)
+                owners = self.owners.get(id(m), ())
+                if owners:
+                    owner, attr = owners[0]
+                    owner._modules[attr] = new
+                else:
+                    result = new
+        return result
+
+    def _rewritten(self, block) -> "_FusedGraphModule":
+        """block's module as a GraphModule of its traced forward with each rewrite pair's
+        activation call removed (its users read the fused Linear call) and the Linear swapped."""
+        m, graph = block.module, block.graph
+        state = dict(m.__dict__)
+        state["_modules"] = dict(m._modules)
+        for pair in block.rewrite:
+            lin_node, act_node = pair.nodes
+            act_node.replace_all_uses_with(lin_node)
+            graph.erase_node(act_node)
+            _set_path_copying(state["_modules"], pair.linear_path,
+                              fused_from(pair.linear, *pair.act))
+        graph.lint()
+        return _build_graph_module(state, graph, type(m).__name__)
+
+
+def _is_linear_like(m) -> bool:
+    return isinstance(m, nn.Linear)
+
+
+def _describe_node(m, node) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(m.get_submodule(node.target)).__name__})"
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "output":
+        return "the forward's result"  # among several users
+    return node.op
+
+
+def _identity_like(act: nn.Module) -> nn.Identity:
+    ident = nn.Identity()
+    ident.training = act.training
+    return ident
+
+
+def _set_path(root: nn.Module, path: str, new: nn.Module) -> None:
+    *prefix, last = path.split(".")
+    owner = root.get_submodule(".".join(prefix)) if prefix else root
+    owner._modules[last] = new
+
+
+def _set_path_copying(modules: dict, path: str, new: nn.Module) -> None:
+    """Set path inside a copied _modules dict, copying each module on the way (their _modules
+    dicts), so the original module tree is not changed."""
+    first, *rest = path.split(".")
+    if not rest:
+        modules[first] = new
+        return
+    holder = _shallow_copy(modules[first])
+    modules[first] = holder
+    _set_path_copying(holder._modules, ".".join(rest), new)
+
+
+def _shallow_copy(m: nn.Module) -> nn.Module:
+    """Same type, same children, parameters and attributes, in dicts of its own (copy.copy would
+    share them, and runs a GraphModule's pickling path)."""
+    new = object.__new__(type(m))
+    new.__dict__ = dict(m.__dict__)
+    for key in ("_modules", "_parameters", "_buffers"):
+        new.__dict__[key] = dict(m.__dict__[key])
+    return new
+
+
+# --------------------------------------------------------------------------------------------
+# The GraphModule that replaces a rewritten module
+# --------------------------------------------------------------------------------------------
+class _StateHolder(nn.Module):
+    """An nn.Module whose __dict__ is given state: the root a GraphModule copies targets from."""
+
+    def __init__(self, state):  # noqa: D107 - deliberately skips nn.Module.__init__'s fields
+        self.__dict__ = state
+
+
+def _build_graph_module(state: dict, graph: fx.Graph, class_name: str,
+                        gm: Optional["_FusedGraphModule"] = None) -> "_FusedGraphModule":
+    """A _FusedGraphModule running `graph` over the module state `state` (a module's __dict__);
+    `gm` is a blank instance to initialise (deepcopy creates it first, for its memo)."""
+    if gm is None:
+        gm = _FusedGraphModule.__new__(_FusedGraphModule)
+    fx.GraphModule.__init__(gm, _StateHolder(state), graph, class_name)
+    d = gm.__dict__
+    # fx.GraphModule keeps only what its graph references (and makes holder modules for dotted
+    # targets): put back the module's own submodules, parameters and buffers, in their order.
+    d["_modules"] = dict(state["_modules"])
+    d["_parameters"] = dict(state["_parameters"])
+    d["_buffers"] = dict(state["_buffers"])
+    d["_non_persistent_buffers_set"] = set(state.get("_non_persistent_buffers_set", ()))
+    d["training"] = state.get("training", True)
+    for key, value in state.items():
+        if not key.startswith("_") and key not in d and not hasattr(type(gm), key):
+            d[key] = value
+    return gm
+
+
+class _FusedGraphModule(fx.GraphModule):
+    """A module whose forward fuse rewrote. Unlike a plain fx.GraphModule it keeps all of the
+    original module's state (not only what the graph references) through deepcopy and pickle,
+    so a fused model's state_dict keys survive ``copy.deepcopy`` and ``torch.save``."""
+
+    def __deepcopy__(self, memo):
+        new = _FusedGraphModule.__new__(_FusedGraphModule)
+        memo[id(self)] = new
+        state = copy.deepcopy(self.__dict__, memo)
+        return _build_graph_module(state, state["_graph"], type(self).__name__, new)
+
+    def __reduce__(self):
+        fn, args = super().__reduce__()
+        return _unpickle_fused, (fn, args, type(self).__name__)
+
+
+def _unpickle_fused(fn, args, class_name):
+    plain = fn(*args)      # fx's own unpickling: re-traces the saved code
+    state = dict(args[0])
+    return _build_graph_module(state, plain.graph, class_name)
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point
+# --------------------------------------------------------------------------------------------
+def fuse(model: nn.Module, *, verbose: bool = False, return_report: bool = False):
+    """Fuse every Linear followed by a supported activation in `model`; return the fused model.
+
+    Finds the pairs in nn.Sequentials and, by tracing with torch.fx, in custom forwards (activation
+    modules and functional calls alike); see this module's docstring for what it rewrites and
+    what it leaves. Parameters are shared with `model`, never copied; state_dict keys and
+    ``named_parameters()`` are unchanged. Modules are changed in place where that suffices, but a
+    module whose forward had to be rewritten is replaced by a torch.fx.GraphModule (also the model
+    itself): always use the return value. The model passed in stays correct either way.
+
+    verbose: print the report (every Linear, what it was fused with, or why it was left).
+    return_report: return ``(fused_model, FuseReport)`` instead of the model alone.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastmlp.fuse: expected an nn.Module, got {type(model).__name__}")
+    fuser = _Fuser(model)
+    fuser.analyse()
+    fuser.decide()
+    report = FuseReport(fuser.entries[id(m)] for _, m in _tree_order(model)
+                        if id(m) in fuser.entries)
+    result = fuser.apply()
+    if verbose:
+        print(report)
+    return (result, report) if return_report else result
+
+
+def _tree_order(model):
+    seen = set()
+    for name, m in model.named_modules(remove_duplicate=False):
+        if id(m) not in seen:
+            seen.add(id(m))
+            yield name, m
