@@ -563,14 +563,15 @@ def test_bad_argument():
 # ------------------------------------------------------------------------------------------------
 # Backends and compile
 # ------------------------------------------------------------------------------------------------
-def test_fused_blocks_on_the_triton_backend(triton_backend):
+def test_fused_blocks_on_the_triton_backend(triton_backend, device):
     """One small model with both rewrite kinds through the Triton kernels (interpreter on CPU)."""
     torch.manual_seed(11)
     model = nn.Sequential(TimmMlp(D, 16), BertIntermediate(lambda h: F.leaky_relu(h, 0.2)))
+    model = model.to(device)
     reference = copy.deepcopy(model)
     fused = fastmlp.fuse(model)
     assert fused[0].fc1.activation == "gelu" and fused[1].dense.activation == "leaky_relu"
-    _assert_same_function(reference, fused, _x(9, D))
+    _assert_same_function(reference, fused, _x(9, D).to(device))
 
 
 def test_compile_fullgraph_fused_custom_blocks():
