@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One-call GPU check from a plain copy of the repository: tests on CUDA, compute-sanitizer on a
-# small fused forward/backward, and the benchmark report, all written under OUT (see
-# bench/gpu_check.py for the files and options).
-#   usage: bench/gpu_check.sh OUT [--budget 480] [--bench-args "..."] [--skip-tests] ...
+# The staged GPU check in one call, from a plain copy of the repository (no install needed):
+#   bash bench/gpu_check.sh OUT [options]          (options: bash bench/gpu_check.sh OUT --help)
+# Stages in order of value (correctness, headline figures, test suite, compute-sanitizer, the
+# remaining benchmark rows), each in its own process group with its own timeout, ~480 s in all;
+# at most 8 files land in OUT. See bench/gpu_check.py and bench/NOTES.md.
+# PYTHON=/path/to/python overrides the interpreter (default: python, else python3).
 set -u
 if [ $# -lt 1 ]; then
-    echo "usage: $0 OUT [options of python -m bench.gpu_check]" >&2
+    echo "usage: $0 OUT [options]   (--help for the options)" >&2
     exit 2
 fi
 # OUT relative to where the caller stands, not to the repository root this script moves to
@@ -16,4 +18,8 @@ esac
 cd "$(dirname "$0")/.." || exit 2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
+if [ -z "$PY" ]; then
+    echo "$0: neither python nor python3 on PATH (set PYTHON=...)" >&2
+    exit 2
+fi
 exec "$PY" -m bench.gpu_check ${OUT:+"$OUT"} "$@"

@@ -1,8 +1,21 @@
-"""A small fused forward and backward on CUDA, for compute-sanitizer (memcheck) to watch.
+"""Small fused workloads on CUDA for compute-sanitizer to watch (stage 4 of the GPU check).
 
-Odd shapes (edges in every tile dimension), with and without bias, ReLU and plain linear, the
-three precisions; every result is compared with torch so that a silent wrong answer fails too.
-Run as `python -m bench.sanitize_target`; exits non-zero on any mismatch.
+    python -m bench.sanitize_target [--mode memcheck|racecheck] [--device cuda|cpu]
+
+memcheck (default): forward and backward of one fused layer on odd shapes (edges in every tile
+dimension, M = 1), with and without bias, relu and none in fp32, fp16 and bf16, every other
+activation of fastmlp.ACTIVATIONS on one odd shape, and fastmlp.SGD steps (plain and with
+momentum, on CUDA or with --backend triton) on sizes with a partial last block. Out-of-bounds and misaligned accesses show up in
+compute-sanitizer --tool memcheck.
+
+racecheck: forward and backward of skinny layers (M = 8192 rows, N = K = 16: one output tile
+under every shipped tile config, so the dW launcher splits the rows into chunks whose partial
+sums are reduced afterwards), the path where programs of one kernel share the most work. It goes
+through the public API, which keeps working while the kernel files are refactored; the split
+itself is the launcher's choice (enough programs for two waves of the GPU's SMs).
+
+Every result is compared with float64 torch (the relative norm error and tolerances of
+tests/reference.py), so a silent wrong answer fails too. Exits non-zero on any mismatch.
 """
 
 import argparse
@@ -10,58 +23,123 @@ import sys
 
 import torch
 
-import fastmlp.functional as F_fast
+import fastmlp
+from bench.gpucheck.correctness import fused, measure, project_tolerances, reference_activation
 
-SHAPES = ((37, 61, 53), (64, 1000, 100), (1, 16, 8))
-TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+MEMCHECK_SHAPES = ((37, 61, 53), (64, 1000, 100), (1, 16, 8))
+RACECHECK_SHAPES = ((8192, 16, 16), (4099, 16, 8))
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SGD_SHAPES = ((100, 1000), (100,), (4097,), (1,))
 
 
-def check_one(m: int, k: int, n: int, dtype: torch.dtype, bias: bool, relu: bool,
-              device: str = "cuda") -> str:
+def check_layer(m: int, k: int, n: int, dtype_name: str, bias: bool, activation: str,
+                device: str) -> str:
+    """'' if forward, dX, dW and db of one layer match float64 torch, else what differs."""
+    dtype, tol = DTYPES[dtype_name], project_tolerances()[dtype_name]
     gen = torch.Generator(device="cpu").manual_seed(m * k + n)
-    make = lambda *shape: torch.randn(*shape, generator=gen).to(device, dtype).requires_grad_(True)
-    x, w = make(m, k), make(n, k)
-    b = make(n) if bias else None
+    x = torch.randn(m, k, generator=gen).to(device, dtype).requires_grad_(True)
+    w = (torch.randn(n, k, generator=gen) * k ** -0.5).to(device, dtype).requires_grad_(True)
+    b = torch.randn(n, generator=gen).to(device, dtype).requires_grad_(True) if bias else None
     grad = torch.randn(m, n, generator=gen).to(device, dtype)
-    y = (F_fast.linear_relu if relu else F_fast.linear)(x, w, b)
+    y = fused(x, w, b, activation)
     y.backward(grad)
-    got = [y, x.grad, w.grad] + ([b.grad] if bias else [])
-    # Reference in float64. The backward reference uses the mask of fastmlp's own output (Y > 0):
-    # where a low-precision pre-activation rounds across zero, the float64 mask would differ and
-    # turn a correct gradient into a false mismatch.
-    x64, w64, g64 = x.detach().double(), w.detach().double(), grad.double()
-    y64 = x64 @ w64.t() + (b.detach().double() if bias else 0)
-    y64 = torch.relu(y64) if relu else y64
-    if relu:
-        g64 = g64 * (y.detach() > 0)
-    want = [y64, g64 @ w64, g64.t() @ x64] + ([g64.sum(0)] if bias else [])
-    for name, g, r in zip(("y", "dx", "dw", "db"), got, want):
-        err = (g.double() - r).abs().max().item() / max(1.0, r.abs().max().item())
-        if not err <= TOLERANCE[dtype]:
-            return f"{name} off by {err:.3g} (m={m} k={k} n={n} {dtype} bias={bias} relu={relu})"
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    b64 = b.detach().double().requires_grad_(True) if bias else None
+    y64 = reference_activation(activation)(torch.nn.functional.linear(x64, w64, b64))
+    y64.backward(grad.double())
+    pairs = [("y", y, y64), ("dx", x.grad, x64.grad), ("dw", w.grad, w64.grad)]
+    if bias:
+        pairs.append(("db", b.grad, b64.grad))
+    for name, got, want in pairs:
+        m_ = measure(got, want.detach())
+        if m_.get("missing") or m_["nan"] or not m_["err"] < tol:
+            return (f"{name}: {m_} (tol {tol:g}; m={m} k={k} n={n} {dtype_name} bias={bias} "
+                    f"{activation})")
     return ""
 
 
+def check_sgd(dtype_name: str, device: str, momentum: float) -> str:
+    """One fastmlp.SGD step (two with momentum) against the float64 update."""
+    dtype, tol = DTYPES[dtype_name], project_tolerances()[dtype_name]
+    gen = torch.Generator(device="cpu").manual_seed(11)
+    params = [torch.randn(*s, generator=gen).to(device, dtype).requires_grad_(True)
+              for s in SGD_SHAPES]
+    opt = fastmlp.SGD(params, lr=0.1, momentum=momentum)
+    ref, bufs = [p.detach().double() for p in params], [None] * len(params)
+    for _ in range(2 if momentum else 1):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=gen).to(device, dtype)
+            g = p.grad.double()
+            if momentum:
+                bufs[i] = g.clone() if bufs[i] is None else momentum * bufs[i] + g
+                g = bufs[i]
+            ref[i] = ref[i] - 0.1 * g
+        opt.step()
+    got = torch.cat([p.detach().flatten() for p in params])
+    m_ = measure(got, torch.cat([r.flatten() for r in ref]))
+    if m_["nan"] or not m_["err"] < tol:
+        return f"SGD {dtype_name} momentum={momentum}: {m_} (tol {tol:g})"
+    return ""
+
+
+def memcheck_cases():
+    activations = list(getattr(fastmlp, "ACTIVATIONS", ("relu", "none")))
+    for dtype in DTYPES:
+        for m, k, n in MEMCHECK_SHAPES:
+            for bias in (True, False):
+                for activation in ("relu", "none"):
+                    yield (m, k, n, dtype, bias, activation)
+    for activation in activations:
+        if activation not in ("relu", "none"):
+            for dtype in ("fp32", "bf16"):
+                yield (37, 61, 53, dtype, True, activation)
+
+
+def racecheck_cases():
+    for dtype in ("fp32", "bf16"):
+        for m, k, n in RACECHECK_SHAPES:
+            yield (m, k, n, dtype, True, "relu")
+
+
 def main(argv=None) -> int:
-    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    args.add_argument("--device", default="cuda", help="cuda (default); cpu checks this script itself")
-    device = args.parse_args(argv).device
-    if device == "cuda" and not torch.cuda.is_available():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", help="cuda (default); cpu checks this script itself")
+    p.add_argument("--mode", choices=("memcheck", "racecheck"), default="memcheck")
+    p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
+                   help="fastmlp backend (auto: the Triton kernels on CUDA)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("sanitize target: no CUDA device")
         return 2
-    failures = []
-    for dtype in TOLERANCE:
-        for m, k, n in SHAPES:
-            for bias in (True, False):
-                for relu in (True, False):
-                    msg = check_one(m, k, n, dtype, bias, relu, device)
-                    if msg:
-                        failures.append(msg)
-    if device == "cuda":
+    failures, count = [], 0
+    cases = memcheck_cases() if args.mode == "memcheck" else racecheck_cases()
+    with fastmlp.use_backend(args.backend):
+        for case in cases:
+            count += 1
+            try:
+                msg = check_layer(*case, device=args.device)
+            except Exception as exc:  # a launch error under the sanitizer is a finding
+                msg = f"{case}: {type(exc).__name__}: {exc}"
+            if msg:
+                failures.append(msg)
+        # The SGD rows are for fastmlp's Triton SGD kernel; on CPU with the auto backend the
+        # step is torch's own CPU kernel, which is no sanitizer material.
+        sgd_runs = args.mode == "memcheck" and (args.device == "cuda" or args.backend == "triton")
+        for dtype in ("fp32", "bf16") if sgd_runs else ():
+            for momentum in (0.0, 0.9):
+                count += 1
+                msg = check_sgd(dtype, args.device, momentum)
+                if msg:
+                    failures.append(msg)
+    if args.mode == "memcheck" and not sgd_runs:
+        print("sanitize target: SGD not checked (no Triton SGD kernel on this device/backend)")
+    if args.device == "cuda":
         torch.cuda.synchronize()
     for msg in failures:
         print("MISMATCH", msg)
-    print(f"sanitize target: {'ok' if not failures else f'{len(failures)} mismatches'}")
+    print(f"sanitize target ({args.mode}): {count} checks, "
+          f"{'ok' if not failures else f'{len(failures)} mismatches'}")
     return 1 if failures else 0
 
 

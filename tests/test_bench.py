@@ -185,23 +185,6 @@ def test_pytest_benchmark_suite_runs(tmp_path):
     assert {b["extra_info"]["variant"] for b in data["benchmarks"]} >= {"fastmlp", "eager"}
 
 
-@pytest.mark.slow  # torch.compile or a subprocess re-running the harness
-def test_gpu_check_writes_a_compact_folder(tmp_path):
-    """The check's packaging, without the test suite (it would run itself): few files, one level."""
-    proc = subprocess.run(   # OUT given relative to the caller's directory
-        [os.path.join(REPO_ROOT, "bench", "gpu_check.sh"), "out", "--allow-cpu",
-         "--skip-tests", "--skip-sanitizer", "--budget", "200",
-         "--bench-args", "--tiny --no-compile --rounds 1 --quiet --only seed-layer"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-        env={**os.environ, "PYTHON": sys.executable})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = tmp_path / "out"
-    files = sorted(os.listdir(out))
-    assert {"summary.log", "bench.log", "bench-results.tar.gz", "README-table.md"} <= set(files)
-    assert len(files) <= 8 and all(os.path.isfile(out / f) for f in files)
-    assert "GPU CHECK: PASS" in (out / "summary.log").read_text()
-
-
 def test_sanitize_target_checks_pass_on_this_device():
     """The compute-sanitizer workload's own references agree with fastmlp (CUDA when present)."""
     from bench import sanitize_target
