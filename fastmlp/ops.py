@@ -116,20 +116,26 @@ def saved_for_backward(activation: str, alpha: float, y, z):
 _EPILOGUES = {"relu": False, "gelu_tanh": True}   # activation -> use_gelu
 
 
-@functools.lru_cache(maxsize=None)
+_EPILOGUE_KEEPS_NAN = {}   # (device, dtype) -> bool, see _epilogue_keeps_nan
+
+
 def _epilogue_keeps_nan(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether torch._addmm_activation's ReLU keeps NaN on this device, as torch.relu does.
 
     A GEMM epilogue may compute ReLU as max(z, 0), which drops NaN; torch.relu keeps it. Probed
-    once per device and dtype on a small product with a NaN row; where it drops NaN the plain
-    addmm + relu path is used instead, so the torch candidate never changes a result.
+    once per device and dtype on a small product with a NaN row, and remembered; where it drops
+    NaN the plain addmm + relu path is used instead, so the torch candidate never changes a
+    result.
     """
-    x = torch.ones(8, 8, device=device, dtype=dtype)
-    x[3, 5] = float("nan")
-    w = torch.ones(8, 8, device=device, dtype=dtype)
-    b = -torch.full((8,), 100.0, device=device, dtype=dtype)  # every finite output is clamped
-    y = torch._addmm_activation(b, x, w.t())
-    return bool(torch.isnan(y[3]).all()) and not bool(torch.isnan(y[:3]).any())
+    key = (device, dtype)
+    if key not in _EPILOGUE_KEEPS_NAN:
+        x = torch.ones(8, 8, device=device, dtype=dtype)
+        x[3, 5] = float("nan")
+        w = torch.ones(8, 8, device=device, dtype=dtype)
+        b = -torch.full((8,), 100.0, device=device, dtype=dtype)  # every finite output clamps
+        y = torch._addmm_activation(b, x, w.t())
+        _EPILOGUE_KEEPS_NAN[key] = bool(torch.isnan(y[3]).all()) and not bool(torch.isnan(y[:3]).any())
+    return _EPILOGUE_KEEPS_NAN[key]
 
 
 def _use_epilogue(x: torch.Tensor, bias, activation: str) -> bool:
@@ -137,7 +143,8 @@ def _use_epilogue(x: torch.Tensor, bias, activation: str) -> bool:
             x.dtype == torch.float64:
         return False
     if activation == "relu":
-        if torch.cuda.is_current_stream_capturing():
+        known = _EPILOGUE_KEEPS_NAN.get((x.device, x.dtype))
+        if known is None and torch.cuda.is_current_stream_capturing():
             return False   # the probe cannot run inside a capture; addmm + relu can
         return _epilogue_keeps_nan(x.device, x.dtype)
     return True

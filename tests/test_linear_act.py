@@ -509,3 +509,19 @@ def test_double_backward_is_refused_not_wrong(activation):
     (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gx.sum().backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ["relu", "gelu_tanh"])
+def test_torch_candidate_matches_torch_with_nan(dtype, activation):
+    """The autotuner's torch candidate (ops.torch_forward, cuBLASLt's epilogue where it keeps
+    NaN) gives torch's values, NaN rows included."""
+    from fastmlp import ops
+
+    x, w, b = _inputs((64,), 32, 48, dtype, "cuda")
+    x[3, 5] = float("nan")
+    y, _ = ops.torch_forward(x, w, b, activation, 0.0, False)
+    expected = _act_module(activation)(nn.functional.linear(x.double(), w.double(), b.double()))
+    assert torch.isnan(y[3]).all()
+    assert_close(y[torch.arange(64) != 3], expected[torch.arange(64) != 3], dtype, "torch candidate")
