@@ -344,6 +344,13 @@ def main(argv=None) -> int:
         check.note(f"GPU check: budget {args.budget:g} s, OUT {check.out}, stages "
                    f"{', '.join(args.selected)}")
         has_cuda = check.probe_environment()
+        if "error" in check.info:
+            verdict = f"FAIL ({check.info['error']})"
+            for entry in check.summary["stages"]:
+                entry.update(status="skipped", reason="the environment probe failed")
+            check.note(verdict)
+            check.finish(verdict=verdict)
+            return 2
         if not has_cuda and not args.allow_cpu:
             for entry in check.summary["stages"]:
                 entry.update(status="skipped", reason="no CUDA device visible to torch")
