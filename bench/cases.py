@@ -17,6 +17,11 @@ SEED_BATCH, SEED_DIMS, SEED_SAMPLES = 64, (1000, 100, 10), 64_000
 # The MLP layer shapes of the issue: (M, K, N, gpu_only).
 MLP_SHAPES = ((8192, 1024, 1024, False), (8192, 4096, 4096, False),
               (65536, 256, 256, False), (8192, 8192, 8192, True))
+# Activations timed besides ReLU on the MLP layer shapes (fp32 and bf16): GELU in its tanh form,
+# the function torch._addmm_activation(use_gelu=True) computes in cuBLASLt's epilogue (so that
+# baseline computes the same thing), and SiLU.
+MLP_ACTIVATIONS = ("gelu_tanh", "silu")
+ACTIVATION_DTYPES = ("fp32", "bf16")
 # Stand-ins with the same structure for the harness's own tests (--tiny).
 TINY_BATCH, TINY_DIMS, TINY_SAMPLES = 8, (16, 12, 4), 64
 TINY_MLP_SHAPES = ((32, 16, 16, False), (64, 8, 8, False))
@@ -32,6 +37,7 @@ class Case:
     pass_:  "fwd" (inference, under no_grad), "fwd+bwd", "step" (fwd+bwd+SGD) or "epoch".
     dims:   feature sizes in → … → out; batch is M.
     launch_bound: microsecond-sized calls, where launch overhead decides (also timed in a CUDA graph).
+    activation: the layers' activation, a name from fastmlp.ACTIVATIONS ("relu": the seed's).
     """
 
     workload: str
@@ -44,6 +50,7 @@ class Case:
     gpu_only: bool = False
     launch_bound: bool = False
     tags: Tuple[str, ...] = field(default=())
+    activation: str = "relu"
 
     @property
     def shape(self) -> str:
@@ -51,16 +58,31 @@ class Case:
 
     @property
     def id(self) -> str:
-        """Unique name, also the pytest-benchmark group: workload/shape/dtype/pass."""
-        return f"{self.workload}/{self.shape}/{self.dtype}/{self.pass_}"
+        """Unique name, also the pytest-benchmark group: workload/shape/dtype/pass, then
+        /activation unless it is relu (so the ReLU ids of earlier results stay the same)."""
+        base = f"{self.workload}/{self.shape}/{self.dtype}/{self.pass_}"
+        return base if self.activation == "relu" else f"{base}/{self.activation}"
 
     @property
     def cost(self) -> costs.Cost:
         if self.kind == "epoch":
             steps = self.samples // self.batch
             return costs.mlp_cost(self.batch, self.dims, self.dtype, "step", False) * steps
-        return costs.mlp_cost(self.batch, self.dims, self.dtype, self.pass_,
+        cost = costs.mlp_cost(self.batch, self.dims, self.dtype, self.pass_,
                               input_grad=self.kind == "layer")
+        if self.pass_ != "fwd" and _saves_preact(self.activation):
+            # Training saves the pre-activation Z besides Y (written once; backward reads Z
+            # instead of Y, which costs.layer_backward already counts as one M x N read).
+            hidden = sum(self.dims[1:])
+            cost = cost + costs.Cost(0, costs.ELEMENT_BYTES[self.dtype] * self.batch * hidden)
+        return cost
+
+
+def _saves_preact(activation: str) -> bool:
+    from fastmlp import activations
+
+    row = activations.get(activation)
+    return row.saves(row.default_alpha) == "preact"
 
 
 def catalogue(device_type: str, full: bool = False, tiny: bool = False,
@@ -96,13 +118,22 @@ def catalogue(device_type: str, full: bool = False, tiny: bool = False,
         # Before the MLP shapes: a run cut short by a time budget still has the seed workloads.
         cases.append(Case("seed-epoch", "epoch", "epoch", "fp32", batch, dims, samples=samples,
                           tags=("seed", "loop")))
-    for m, k, n, gpu_only in shapes:
-        if gpu_only and not on_gpu:
-            continue
-        if not on_gpu and not full and not tiny and k >= 4096:
-            continue
+    mlp_shapes = [(m, k, n, gpu_only) for m, k, n, gpu_only in shapes
+                  if (on_gpu or not gpu_only) and (on_gpu or full or tiny or k < 4096)]
+    for m, k, n, gpu_only in mlp_shapes:
         for dtype in mlp_dtypes:
             for pass_ in ("fwd", "fwd+bwd"):
                 cases.append(Case("mlp-layer", "layer", pass_, dtype, m, (k, n),
                                   gpu_only=gpu_only, tags=("mlp",)))
+    # The other activations last: a run cut short by its time budget keeps the ReLU rows. On CPU
+    # only with --full (or --tiny, one shape): they are GPU measurements.
+    if on_gpu or full or tiny:
+        act_dtypes = [d for d in mlp_dtypes if d in ACTIVATION_DTYPES] or mlp_dtypes[:1]
+        for m, k, n, gpu_only in (mlp_shapes[:1] if tiny else mlp_shapes):
+            for activation in MLP_ACTIVATIONS:
+                for dtype in act_dtypes:
+                    for pass_ in ("fwd", "fwd+bwd"):
+                        cases.append(Case("mlp-layer", "layer", pass_, dtype, m, (k, n),
+                                          gpu_only=gpu_only, tags=("mlp", "activation"),
+                                          activation=activation))
     return cases

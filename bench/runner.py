@@ -19,8 +19,8 @@ from bench import timing as timers
 from bench.cases import Case, catalogue
 from bench.loops import EPOCH_VARIANTS, build_epoch, epoch_data
 from bench.peak import measure_matmul_peak
-from bench.variants import (COMPILE_MODES, LAYER_VARIANTS, Runnable, build, case_data, precision,
-                            reference_model)
+from bench.variants import (COMPILE_MODES, LAYER_VARIANTS, Runnable, applies, build, case_data,
+                            precision, reference_model)
 
 SCHEMA_VERSION = 1
 # Parity tolerance of a forward output against the fp32 ("highest") reference, relative to the
@@ -61,7 +61,7 @@ def variants_for(case: Case, opts: RunOptions) -> List[str]:
     """Variant names for a case, fastmlp first; compile baselines only when enabled."""
     if case.kind == "epoch":
         return [v for v in EPOCH_VARIANTS if opts.compile or "compile" not in v]
-    names = [v for v in LAYER_VARIANTS if v not in COMPILE_MODES]
+    names = [v for v in LAYER_VARIANTS if v not in COMPILE_MODES and applies(case, v)]
     if opts.compile:
         names.append("compile")
         if opts.max_autotune:
@@ -146,7 +146,10 @@ def run_case(case: Case, device: torch.device, opts: RunOptions, budget: _Budget
     """Time every variant of one case and derive the same-run ratios."""
     cost = case.cost
     floor_s, bound = costs.floor_seconds(cost, case.dtype)
-    record = {"id": case.id, "workload": case.workload, "kind": case.kind, "pass": case.pass_,
+    # Tables show the workload column only: an activation other than ReLU joins it there.
+    workload = case.workload if case.activation == "relu" else f"{case.workload}+{case.activation}"
+    record = {"id": case.id, "workload": workload, "activation": case.activation,
+              "kind": case.kind, "pass": case.pass_,
               "dtype": case.dtype, "shape": case.shape, "batch": case.batch, "dims": list(case.dims),
               "samples": case.samples or None, "flops": cost.flops, "min_bytes": cost.min_bytes,
               "h100_datasheet_floor_us": floor_s * 1e6, "h100_floor_bound": bound,

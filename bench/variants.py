@@ -3,10 +3,13 @@
 Every variant starts from the same reference nn.Sequential (same seed, same parameters, same
 inputs) and differs only in how it computes:
 
-  eager                 nn.Linear + nn.ReLU, as users write it
-  fastmlp               fastmlp.fuse(...) of that model: FusedLinearReLU layers
+  eager                 nn.Linear + the activation module (nn.ReLU, ...), as users write it
+  fastmlp               fastmlp.fuse(...) of that model: FusedLinear layers
   cublaslt-epilogue     torch._addmm_activation (cuBLASLt's bias+ReLU epilogue) forward; it has no
-                        autograd formula, so its backward is plain torch ops (mask, 2 mm, sum)
+                        autograd formula, so its backward is plain torch ops (mask, 2 mm, sum).
+                        Also tanh-GELU (use_gelu=True), forward only: it saves no pre-activation,
+                        so it cannot train. No other activation has an epilogue. (On CPU torch
+                        computes erf-GELU there: its parity mark against tanh-GELU shows it.)
   compile               torch.compile(model, fullgraph=True, dynamic=False)
   compile-max-autotune  the same with mode="max-autotune" (long compiles: opt-in)
 
@@ -81,14 +84,47 @@ class EpilogueLinearReLU(nn.Linear):
         return _AddmmReLUFunction.apply(input, self.weight, self.bias)
 
 
+class EpilogueLinearGELUTanh(nn.Linear):
+    """nn.Linear + GELU(approximate="tanh") through the cuBLASLt epilogue, inference only."""
+
+    def forward(self, input):
+        if torch.is_grad_enabled():
+            raise RuntimeError("torch._addmm_activation has no backward: forward (no_grad) only")
+        return torch._addmm_activation(self.bias, input, self.weight.t(), use_gelu=True)
+
+
+def _epilogue_for(act: nn.Module):
+    if type(act) is nn.ReLU:
+        return EpilogueLinearReLU
+    if type(act) is nn.GELU and act.approximate == "tanh":
+        return EpilogueLinearGELUTanh
+    return None
+
+
+def activation_module(name: str) -> nn.Module:
+    """The torch module a user writes for one of the bench's activations."""
+    return {"relu": nn.ReLU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "gelu": nn.GELU,
+            "silu": nn.SiLU}[name]()
+
+
+def applies(case: Case, name: str) -> bool:
+    """Whether variant `name` can run `case`: the cuBLASLt epilogue exists for ReLU (forward
+    and backward) and tanh-GELU (forward) only."""
+    if name == "cublaslt-epilogue":
+        return case.activation == "relu" or (case.activation == "gelu_tanh" and case.pass_ == "fwd")
+    return True
+
+
 def epilogue_fuse(model: nn.Sequential) -> nn.Sequential:
-    """Replace each nn.Linear → nn.ReLU pair with EpilogueLinearReLU (shared parameters)."""
+    """Replace each nn.Linear → nn.ReLU (or → nn.GELU(approximate="tanh")) pair with its
+    epilogue module (shared parameters)."""
     mods = list(model)
     out, i = [], 0
     while i < len(mods):
-        if isinstance(mods[i], nn.Linear) and i + 1 < len(mods) and isinstance(mods[i + 1], nn.ReLU):
+        epilogue = _epilogue_for(mods[i + 1]) if i + 1 < len(mods) else None
+        if isinstance(mods[i], nn.Linear) and epilogue is not None:
             lin = mods[i]
-            fused = EpilogueLinearReLU(lin.in_features, lin.out_features, device="meta")
+            fused = epilogue(lin.in_features, lin.out_features, device="meta")
             fused.weight, fused.bias = lin.weight, lin.bias
             out.append(fused)
             i += 2
@@ -99,14 +135,15 @@ def epilogue_fuse(model: nn.Sequential) -> nn.Sequential:
 
 
 def reference_model(case: Case, device: torch.device) -> nn.Sequential:
-    """The case's network in nn.Linear/nn.ReLU form: Linear+ReLU per layer, none after a model's last."""
+    """The case's network in nn.Linear + activation form: Linear+activation per layer, none after
+    a model's last."""
     torch.manual_seed(0)
     layers: List[nn.Module] = []
     pairs = list(zip(case.dims[:-1], case.dims[1:]))
     for i, (k, n) in enumerate(pairs):
         layers.append(nn.Linear(k, n))
         if case.kind == "layer" or i < len(pairs) - 1:
-            layers.append(nn.ReLU())
+            layers.append(activation_module(case.activation))
     return nn.Sequential(*layers).to(device=device, dtype=TORCH_DTYPES[case.dtype])
 
 
