@@ -32,10 +32,16 @@ from fastmlp import backend
 __all__ = ["SGD"]
 
 
+# torch's fused CPU SGD kernel: fp32 and fp64 only. For bf16/fp16 (torch 2.13, CPU) it updates
+# only the elements past the last full vector and leaves the rest unchanged, so half-precision
+# parameters take torch's foreach/for-loop update instead.
+_FUSED_CPU_DTYPES = (torch.float32, torch.float64)
+
+
 def _fused_cpu_ok(params, grads, bufs, momentum) -> bool:
     if any(g.is_sparse for g in grads):
         return False
-    if not all(p.dtype == params[0].dtype and p.is_floating_point() for p in params):
+    if not all(p.dtype == params[0].dtype and p.dtype in _FUSED_CPU_DTYPES for p in params):
         return False
     if momentum != 0:
         have = [b is not None for b in bufs]

@@ -347,3 +347,23 @@ def test_cuda_graph_step_with_lr_change():
         opt_ref.step()
     torch.cuda.synchronize()
     _assert_params_close(ours, ref, 1e-6)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_cpu_parameters_are_updated_like_torch(dtype, momentum):
+    """torch's fused CPU SGD kernel leaves most bf16/fp16 elements unchanged (torch 2.13): the
+    half-precision CPU update must be torch's plain one, element for element."""
+    gen = torch.Generator().manual_seed(5)
+    p0 = torch.randn(1000, generator=gen).to(dtype)
+    grads = [torch.randn(1000, generator=gen).to(dtype) for _ in range(3)]
+    ours = p0.clone().requires_grad_()
+    ref = p0.clone().requires_grad_()
+    opt = fastmlp.SGD([ours], lr=0.1, momentum=momentum)
+    ref_opt = torch.optim.SGD([ref], lr=0.1, momentum=momentum, foreach=False)
+    for g in grads:
+        ours.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+    assert (ours.detach() != p0).float().mean() > 0.9   # it trained
+    assert torch.equal(ours.detach(), ref.detach())
