@@ -30,7 +30,7 @@ from torch import nn
 
 from fastmlp import activations as _activations
 
-__all__ = ["CPUStep", "ManualMLP"]
+__all__ = ["CPUStep", "ManualMLP", "python_hooks"]
 
 _REDUCTIONS = {"mean": 1, "sum": 2}  # at::Reduction, as the aten loss ops take it
 _aten = torch.ops.aten
@@ -101,6 +101,84 @@ def _module_activation(module: nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# Python hooks a step would run
+# --------------------------------------------------------------------------------------------
+_GLOBAL_MODULE_HOOKS = (
+    ("_global_forward_pre_hooks", "global forward pre-hook (register_module_forward_pre_hook)"),
+    ("_global_forward_hooks", "global forward hook (register_module_forward_hook)"),
+    ("_global_backward_pre_hooks", "global backward pre-hook "
+                                   "(register_module_full_backward_pre_hook)"),
+    ("_global_backward_hooks", "global backward hook (register_module_full_backward_hook)"),
+)
+_MODULE_HOOKS = (
+    ("_forward_pre_hooks", "forward pre-hook"),
+    ("_forward_hooks", "forward hook"),
+    ("_backward_pre_hooks", "backward pre-hook"),
+    ("_backward_hooks", "backward hook"),
+)
+
+
+def _hook_name(hooks) -> str:
+    hook = next(iter(hooks.values()))
+    return getattr(hook, "__qualname__", None) or repr(hook)
+
+
+def python_hooks(model: nn.Module, loss_fn=None, optimizer=None) -> Optional[str]:
+    """The first Python hook one training step of `model` would run, described, or None.
+
+    For the two steps that do not run that Python as autograd and Optimizer.step would: the
+    CPU step computes the backward with aten ops (module and tensor hooks would not fire; it
+    takes autograd instead), and a CUDA graph replay runs no Python at all (a hook would run
+    once, at capture, never on the replays; fit trains eagerly instead). Looked at: torch's
+    global module hooks, every module's forward/backward (pre-)hooks (the loss module's too),
+    every parameter's gradient and post-accumulate-grad hooks (the model's and the optimizer's
+    parameters), and with `optimizer` its step pre/post hooks and torch's global ones.
+    """
+    mod = torch.nn.modules.module
+    for attr, what in _GLOBAL_MODULE_HOOKS:
+        hooks = getattr(mod, attr, None)
+        if hooks:
+            return f"a {what}: {_hook_name(hooks)}"
+    modules = [("the model" if not name else f"submodule '{name}'", m)
+               for name, m in model.named_modules()]
+    if isinstance(loss_fn, nn.Module):
+        modules.append(("the loss module", loss_fn))
+    for where, m in modules:
+        for attr, what in _MODULE_HOOKS:
+            hooks = getattr(m, attr, None)
+            if hooks:
+                return f"a {what} on {where} ({type(m).__name__}): {_hook_name(hooks)}"
+    params = dict(model.named_parameters())
+    if optimizer is not None:
+        seen = {id(p) for p in params.values()}
+        for gi, group in enumerate(optimizer.param_groups):
+            for i, p in enumerate(group["params"]):
+                if id(p) not in seen:
+                    params[f"{i} of optimizer param group {gi}"] = p
+    for name, p in params.items():
+        if p._backward_hooks:
+            return (f"a gradient hook (register_hook) on parameter {name}: "
+                    f"{_hook_name(p._backward_hooks)}")
+        hooks = getattr(p, "_post_accumulate_grad_hooks", None)
+        if hooks:
+            return (f"a post-accumulate-grad hook (register_post_accumulate_grad_hook) on "
+                    f"parameter {name}: {_hook_name(hooks)}")
+    if optimizer is not None:
+        from torch.optim import optimizer as torch_optimizer
+
+        for hooks, what in (
+                (getattr(optimizer, "_optimizer_step_pre_hooks", None), "step pre-hook"),
+                (getattr(optimizer, "_optimizer_step_post_hooks", None), "step post-hook"),
+                (torch_optimizer._global_optimizer_pre_hooks,
+                 "global step pre-hook (register_optimizer_step_pre_hook)"),
+                (torch_optimizer._global_optimizer_post_hooks,
+                 "global step post-hook (register_optimizer_step_post_hook)")):
+            if hooks:
+                return f"an optimizer {what} on {type(optimizer).__name__}: {_hook_name(hooks)}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
 # forward + loss + backward without autograd
 # --------------------------------------------------------------------------------------------
 class ManualMLP:
@@ -138,15 +216,8 @@ class ManualMLP:
                 return None
         else:
             return None
-        mod = torch.nn.modules.module
-        if any(getattr(mod, name, None) for name in (
-                "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                "_global_backward_pre_hooks", "_global_forward_hooks_with_kwargs")):
-            return None
-        for m in [model, loss_fn, *model.children()]:
-            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or \
-                    getattr(m, "_backward_pre_hooks", None):
-                return None
+        if python_hooks(model, loss_fn) is not None:
+            return None   # the manual backward would not run it
         layers = []
         for m in model.children():
             t = type(m)
@@ -172,7 +243,6 @@ class ManualMLP:
             return None
         params = [t for w, b, _ in layers for t in (w, b) if t is not None]
         if any(p.device.type != "cpu" or p.dtype != params[0].dtype or not p.requires_grad
-               or p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)
                or not p.is_floating_point() for p in params):
             return None
         return cls([tuple(layer) for layer in layers], loss_fn)

@@ -17,7 +17,13 @@ freezes what its kernels read: addresses, and every argument passed by value. So
 
 * warm-up steps run first on a side stream: lazy init, cuBLAS workspaces, Triton compiles and
   autotuning, first momentum buffers and fastmlp.SGD's pointer tables must not happen inside a
-  capture (nothing may be allocated or copied to the device for the first time there);
+  capture (nothing may be allocated or copied to the device for the first time there). The
+  capture runs on that same stream, made on the model's device and passed to
+  ``torch.cuda.graph(stream=...)``: without it torch captures on one class-wide stream made on
+  whichever device was current at the process's first capture, and a capture for a model on
+  another GPU records nothing (pytorch#87894). A DDP model warms up and is captured on the
+  stream fit is called under instead, which must be the one DDP was constructed under (see
+  :func:`graph_refusal`);
 * inputs are copied into static buffers; the gradients are kept between steps (zeroed in place
   inside the graph), so autograd accumulates into the same memory every replay;
 * everything the graph reads or writes outside its own memory pool is recorded at capture
@@ -26,10 +32,18 @@ freezes what its kernels read: addresses, and every argument passed by value. So
 * the capture runs in ``capture_error_mode="thread_local"``: in the default "global" mode a CUDA
   call that is illegal during a capture invalidates it from any thread, and a DataLoader with
   ``pin_memory=True`` has a thread allocating pinned memory (cudaHostAlloc) whenever it stages a
-  batch. Only this thread's calls are restricted now; the pin thread's are not captured.
+  batch. Only this thread's calls are restricted now; the pin thread's are not captured;
+* a replay runs no Python: a step with Python hooks (module, tensor or optimizer-step hooks, an
+  EMA update in a step post-hook, say) would run them once, at capture, and never again, so it
+  is not captured (:func:`graph_refusal`); neither is an optimizer torch would refuse to
+  capture (a param group with ``capturable=False``);
+* a capture that fails leaves nothing behind: the half-recorded graph is dropped, warm-up is
+  re-armed, and the error propagates (:meth:`CapturedStep.capture`).
 
 The graph is cached per model (for as long as the model lives, with the same optimizer and loss
-module), so calling fit(epochs=1) repeatedly reuses it.
+module, for one batch shape, dtype and device), so calling fit(epochs=1) repeatedly reuses it;
+after ``model.to(another_device)`` the next fit warms up and captures anew, with a stream and a
+loss sum on the new device.
 """
 
 import weakref
@@ -38,10 +52,17 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from fastmlp.cpu_step import python_hooks
+
 __all__ = ["GraphStep", "CapturedStep", "graph_refusal", "uncapturable_reason"]
 
 _WARMUP_STEPS = 3
 _WARMUP_STEPS_DDP = 11  # torch's documented minimum before capturing a DDP step
+# DDP's reducer collects runtime stats (CUDA timing events, read back later) on its first 10
+# iterations and then every sample_rate-th (default 100); set this high before a capture so no
+# capture (a re-capture too) lands on a sampled iteration. Private API, in torch since 1.9
+# (pytorch#53145), called only if present.
+_DDP_LOGGING_SAMPLE_RATE = 1 << 30
 _SGD_NUMBERS = ("lr", "momentum", "dampening", "weight_decay")
 _cache = weakref.WeakKeyDictionary()  # model -> CapturedStep
 
@@ -65,10 +86,16 @@ def uncapturable_reason(optimizer) -> Optional[str]:
     its parameters' device (its kernel loads it). A CPU tensor is read without a sync: its value
     is captured as a number, and CapturedStep compares it.
 
-    Other optimizers are taken at their word (fit captures them only with ``capturable=True``
-    or when asked to).
+    Other optimizers: a param group with ``capturable=False`` (torch's Adam, AdamW, ... check
+    every group when their step is captured, and raise); one without that key is taken at its
+    word.
     """
     if not isinstance(optimizer, torch.optim.SGD):
+        for gi, group in enumerate(optimizer.param_groups):
+            if "capturable" in group and not group["capturable"]:
+                return (f"param group {gi} of {type(optimizer).__name__} has capturable=False "
+                        f"(torch raises when such a step is captured; make the optimizer with "
+                        f"capturable=True, every param group included)")
         return None
     lr_tensors = getattr(optimizer, "lr_tensors", None)
     for gi, group in enumerate(optimizer.param_groups):
@@ -96,12 +123,36 @@ def _reads_lr_tensor(gi, group, lr, lr_tensors) -> bool:
     return bool(group.get("fused")) and all(p.device == lr.device for p in params)
 
 
-def graph_refusal(model: nn.Module, optimizer, cuda_graph, device: torch.device) -> Optional[str]:
+def _on_default_stream(device: torch.device) -> bool:
+    return torch.cuda.current_stream(device) == torch.cuda.default_stream(device)
+
+
+def capture_stream(model: nn.Module, device: torch.device):
+    """The stream fit warms up and captures `model`'s step on, if not a side stream of its own.
+
+    A DDP model: the current stream at fit's entry. DDP's reducer holds the parameters'
+    AccumulateGrad nodes, tagged with the stream DDP was constructed on, and PyTorch's
+    CUDA-graph notes require DDP be constructed under a side stream and the step be captured
+    there: ``with torch.cuda.stream(s): model = DDP(model); fit(model, ..., cuda_graph=True)``.
+    None for any other model (CapturedStep makes its own side stream on the model's device).
+    """
+    return torch.cuda.current_stream(device) if _is_ddp(model) else None
+
+
+def graph_refusal(model: nn.Module, optimizer, cuda_graph, device: torch.device,
+                  loss_fn=None) -> Optional[str]:
     """None if fit captures the step of `model` (on `device`) now, else why not ("" for auto's
     documented rules, which need no warning: not on CUDA, DDP, an optimizer neither SGD nor
     capturable).
 
-    cuda_graph=True insists: a step that cannot be captured is a ValueError, not a fallback.
+    Refused besides: an SGD update reading a GPU tensor hyperparameter back as a number, a
+    param group with ``capturable=False`` (:func:`uncapturable_reason`), and any Python hook the
+    step would run (``fastmlp.cpu_step.python_hooks``): a replay runs no Python, so a hook
+    would run once, at capture, and never again (and one reading a value back fails the
+    capture). Under "auto" fit then trains eagerly, with one warning naming the cause.
+
+    cuda_graph=True insists: a step that cannot be captured is a ValueError, not a fallback;
+    for a DDP model also fit called on the default stream (see :func:`capture_stream`).
     """
     if cuda_graph is False:
         return ""
@@ -109,15 +160,30 @@ def graph_refusal(model: nn.Module, optimizer, cuda_graph, device: torch.device)
         if cuda_graph is True:
             raise ValueError("fit(cuda_graph=True) needs the model on a CUDA device")
         return ""
+    if cuda_graph is not True:
+        if _is_ddp(model):
+            return ""
+        if not isinstance(optimizer, torch.optim.SGD) and \
+                not any(g.get("capturable") for g in optimizer.param_groups):
+            return ""
     reason = uncapturable_reason(optimizer)
+    if reason is None:
+        hook = python_hooks(model, loss_fn, optimizer)
+        if hook is not None:
+            reason = (f"the step runs {hook}; a CUDA graph replay runs no Python, so it would "
+                      f"run once, at capture, and never on the replays")
     if cuda_graph is True:
         if reason is not None:
             raise ValueError(f"fit(cuda_graph=True): the step cannot be captured: {reason}")
+        if _is_ddp(model) and _on_default_stream(device):
+            raise ValueError(
+                "fit(cuda_graph=True) with a DistributedDataParallel model was called on the "
+                "default CUDA stream; PyTorch's CUDA-graph notes require DDP be constructed "
+                "under a side stream and its step captured there (its reducer's AccumulateGrad "
+                "nodes are bound to the construction stream): s = torch.cuda.Stream(); "
+                "with torch.cuda.stream(s): model = DDP(model); fastmlp.fit(model, ..., "
+                "cuda_graph=True)")
         return None
-    if _is_ddp(model):
-        return ""
-    if not (isinstance(optimizer, torch.optim.SGD) or optimizer.defaults.get("capturable")):
-        return ""
     return reason
 
 
@@ -171,15 +237,26 @@ class CapturedStep:
     A change makes the graph be captured again after two eager warm-up steps: the first may
     create state (gradients, momentum buffers) and build fastmlp.SGD's first-step table, the
     second builds the steady-state table the capture will use.
+
+    Invariant: ``graph`` is None or a complete capture, and ``captured_state``/``keepalive``
+    belong to that graph (None/() without one): a graph is published only when its capture
+    succeeded, and whatever drops it drops them too (:meth:`_drop`).
+
+    One device: the step's side stream and loss sum live on `device` (fit keys its cached step
+    by the batches' device too, so a model moved to another GPU gets a new CapturedStep).
+    `stream`: the stream to warm up and capture on (see :func:`capture_stream`); None: a side
+    stream of its own, made on `device` on first use.
     """
 
     REWARM_STEPS = 2
 
-    def __init__(self, model, loss_fn, optimizer, key):
+    def __init__(self, model, loss_fn, optimizer, key, device=None, stream=None):
         # The model only by weak reference: this object lives in a cache keyed (weakly) by the
         # model, and a strong reference back would keep both alive forever.
         self._model = weakref.ref(model)
         self.loss_fn, self.optimizer, self.key = loss_fn, optimizer, key
+        self.device = torch.device(device) if device is not None else \
+            next((p.device for p in model.parameters()), torch.device("cpu"))
         self.warmup_left = _WARMUP_STEPS_DDP if _is_ddp(model) else _WARMUP_STEPS
         self.graph = None
         self.static_inputs = self.static_target = None
@@ -187,7 +264,13 @@ class CapturedStep:
         self.warm_state = None    # state() after the last warm-up step
         self.captured_state = None
         self.keepalive = ()       # what the graph points into, held while it exists
-        self.side_stream = None   # made on first use, on the model's device
+        self.side_stream = stream  # warm-up and capture stream (None: made on first use)
+
+    def stream(self):
+        """The stream warm-ups and the capture run on: one stream for both, on self.device."""
+        if self.side_stream is None:
+            self.side_stream = torch.cuda.Stream(device=self.device)
+        return self.side_stream
 
     # -- what the graph depends on ------------------------------------------------------------
     def _referenced(self) -> list:
@@ -251,6 +334,13 @@ class CapturedStep:
                 return False   # torch's update: the old lr is a number inside the graph
         return True
 
+    def _drop(self) -> None:
+        """Forget the graph and everything recorded for it; warm up again before a capture."""
+        self.graph = None
+        self.captured_state = None
+        self.keepalive = ()
+        self.warmup_left = max(self.warmup_left, self.REWARM_STEPS)
+
     def revalidate(self) -> None:
         """Keep the captured graph only if nothing it baked in has changed (see the class)."""
         if self.graph is None:
@@ -260,9 +350,7 @@ class CapturedStep:
         if self.compatible(self.captured_state, now):
             self.captured_state = now
             return
-        self.graph = None
-        self.keepalive = ()
-        self.warmup_left = max(self.warmup_left, self.REWARM_STEPS)
+        self._drop()
 
     def rewarm_if_changed(self) -> None:
         """Right before a capture: warm up again if something changed since the warm-up (an
@@ -273,33 +361,53 @@ class CapturedStep:
 
     # -- running it ---------------------------------------------------------------------------
     def warmup_step(self, inputs, target, fallback):
-        """An ordinary training step on the side stream (real data, really trained)."""
-        if self.side_stream is None:
-            self.side_stream = torch.cuda.Stream(device=target.device)
-        stream = self.side_stream
-        stream.wait_stream(torch.cuda.current_stream())
+        """An ordinary training step on the capture stream (real data, really trained)."""
+        stream = self.stream()
+        current = torch.cuda.current_stream(self.device)
+        if stream != current:
+            stream.wait_stream(current)
         with torch.cuda.stream(stream):
             loss = fallback.step(inputs, target)
-        torch.cuda.current_stream().wait_stream(stream)
+        if stream != current:
+            current.wait_stream(stream)
         self.warmup_left -= 1
         self.warm_state = self.state()
         return loss
 
     def capture(self, inputs, target):
-        """Record one step (it does not run: replay() runs it, on this batch too)."""
+        """Record one step (it does not run: replay() runs it, on this batch too).
+
+        Recorded into a local graph, published with its state and keepalive only if the
+        capture completes: an exception inside (out of memory, a host sync, a table or lr the
+        optimizer would build inside the capture) leaves a half-recorded graph that must never
+        be replayed. Then the graph is dropped, warm-up re-armed and the exception re-raised.
+        """
         model, loss_fn, optimizer = self._model(), self.loss_fn, self.optimizer
         self.static_inputs = [t.clone() for t in inputs]
         self.static_target = target.clone()
         if self.loss_sum is None:
-            self.loss_sum = torch.zeros((), dtype=torch.float32, device=target.device)
-        torch.cuda.synchronize()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            optimizer.zero_grad(set_to_none=False)   # in place: the grads keep their addresses
-            loss = loss_fn(model(*self.static_inputs), self.static_target)
-            loss.backward()
-            optimizer.step()
-            self.loss_sum.add_(loss.detach().float())
+            self.loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        if _is_ddp(model) and hasattr(model, "_set_ddp_runtime_logging_sample_rate"):
+            model._set_ddp_runtime_logging_sample_rate(_DDP_LOGGING_SAMPLE_RATE)
+        torch.cuda.synchronize(self.device)
+        caller_stream = torch.cuda.current_stream(self.device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream(), capture_error_mode="thread_local"):
+                optimizer.zero_grad(set_to_none=False)   # in place: the grads keep their addresses
+                loss = loss_fn(model(*self.static_inputs), self.static_target)
+                loss.backward()
+                optimizer.step()
+                self.loss_sum.add_(loss.detach().float())
+        except BaseException:
+            self._drop()
+            # torch.cuda.graph.__exit__ calls capture_end() before restoring the caller's
+            # stream, and capture_end raises after a failed capture: the capture stream would
+            # stay current for everything the caller runs next.
+            if torch.cuda.current_stream(self.device) != caller_stream:
+                torch.cuda.set_stream(caller_stream)
+            raise
+        self.graph = graph
         self.captured_state = self.state()
         self.keepalive = self._held_by_graph()
 
@@ -327,19 +435,24 @@ def cached(model: nn.Module) -> Optional[CapturedStep]:
 # The step strategy
 # --------------------------------------------------------------------------------------------
 def _shape_key(inputs, target) -> tuple:
-    return tuple((tuple(t.shape), t.dtype) for t in (*inputs, target))
+    """What a captured step is specific to: each tensor's shape, dtype and device (the device
+    too: the step's stream, loss sum and graph live on one GPU)."""
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in (*inputs, target))
 
 
 class GraphStep:
     """The epoch's batches of its first batch's shape through a CapturedStep, the others
-    through the fallback (see the module docstring)."""
+    through the fallback (see the module docstring). `stream`: see :func:`capture_stream`."""
 
-    def __init__(self, model, loss_fn, optimizer, fallback):
+    def __init__(self, model, loss_fn, optimizer, fallback, stream=None):
         self.model, self.loss_fn, self.optimizer, self.fallback = model, loss_fn, optimizer, fallback
+        self.stream = stream
         captured = _cache.get(model)
         if captured is not None and (captured.optimizer is not optimizer
                                      or captured.loss_fn is not loss_fn):
             captured = None
+        if captured is not None and stream is not None and stream.device == captured.device:
+            captured.side_stream = stream   # later warm-ups and captures: this fit's stream
         self.captured = captured
         self.full_shape = None   # the epoch's first batch sets the static shape
 
@@ -356,7 +469,8 @@ class GraphStep:
             return self.fallback.step(inputs, target)
         captured = self.captured
         if captured is None or captured.key != key:
-            captured = self.captured = CapturedStep(self.model, self.loss_fn, self.optimizer, key)
+            captured = self.captured = CapturedStep(self.model, self.loss_fn, self.optimizer, key,
+                                                    device=target.device, stream=self.stream)
             _cache[self.model] = captured
         if captured.graph is None and captured.warmup_left == 0:
             captured.rewarm_if_changed()

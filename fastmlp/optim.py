@@ -288,7 +288,7 @@ class SGD(torch.optim.SGD):
         by_kind = {}
         for i, p in enumerate(params):
             by_kind.setdefault((p.device, p.dtype), []).append(i)
-        for (device, _), idx in by_kind.items():
+        for (device, dtype), idx in by_kind.items():
             ps = [params[i] for i in idx]
             gs = [grads[i] for i in idx]
             bs = [bufs[i] for i in idx] if momentum != 0 else None
@@ -298,7 +298,11 @@ class SGD(torch.optim.SGD):
                 ps, gs, bs, self._lr_tensor(gi, group["lr"], device),
                 weight_decay=group["weight_decay"], momentum=momentum,
                 dampening=group["dampening"], nesterov=group["nesterov"],
-                maximize=group["maximize"])
+                maximize=group["maximize"],
+                # one pointer table kept per (group, device, dtype), rebuilt only when its
+                # tensors change: any number of groups steps without rebuilding (and a CUDA
+                # graph can be captured over them)
+                slot=(gi, device, dtype))
             if momentum != 0:
                 for i, b in zip(idx, new_bufs):
                     bufs[i] = b

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from fastmlp.cpu_step import CPUStep
-from fastmlp.graph_step import GraphStep, graph_refusal
+from fastmlp.graph_step import GraphStep, capture_stream, graph_refusal
 
 __all__ = ["fit", "AutogradStep"]
 
@@ -64,8 +64,8 @@ class _StepChooser:
     """Picks each epoch's step strategy (see the module docstring).
 
     Per epoch, because between epochs callbacks may change what the choice depends on (the
-    model's modules and hooks, the optimizer's hyperparameters). A graph that cannot be
-    captured under cuda_graph="auto" is said once per fit call, as a warning.
+    model's modules and hooks, the optimizer's hyperparameters and hooks). A graph that cannot
+    be captured under cuda_graph="auto" is said once per fit call, as a warning naming why.
     """
 
     def __init__(self, model, loss_fn, optimizer, device, cuda_graph, cpu_fast_path):
@@ -76,10 +76,12 @@ class _StepChooser:
         self.warned = False
 
     def for_epoch(self):
-        refusal = graph_refusal(self.model, self.optimizer, self.cuda_graph, self.device)
+        refusal = graph_refusal(self.model, self.optimizer, self.cuda_graph, self.device,
+                                self.loss_fn)
         if refusal is None:
             if self.graph is None:
-                self.graph = GraphStep(self.model, self.loss_fn, self.optimizer, self.autograd)
+                self.graph = GraphStep(self.model, self.loss_fn, self.optimizer, self.autograd,
+                                       stream=capture_stream(self.model, self.device))
             return self.graph
         if refusal and not self.warned:
             self.warned = True
@@ -111,14 +113,19 @@ def fit(model: nn.Module, loader: Iterable, loss_fn: Callable, optimizer: torch.
         epochs: number of epochs.
         cuda_graph: "auto" captures the step in a CUDA graph when the model is on CUDA, the
             optimizer is an SGD (torch's or fastmlp's) or has ``capturable=True``, and the model
-            is not DDP-wrapped; an SGD whose update would read a GPU tensor hyperparameter back
+            is not DDP-wrapped. A step that cannot be captured trains eagerly instead, with one
+            warning naming why: an SGD whose update would read a GPU tensor hyperparameter back
             as a number (a host sync, e.g. torch.optim.SGD's default foreach step with a CUDA
-            tensor lr) trains eagerly instead, with a warning. True captures whenever the model
-            is on CUDA (DDP included, with NCCL, after torch's documented 11 warm-up steps;
-            PyTorch's CUDA-graph notes also require the DDP module to be constructed under a
-            side stream, ``with torch.cuda.stream(torch.cuda.Stream()): model = DDP(model)``; not
-            yet run on a GPU) and raises a ValueError for a step that cannot be captured. False
-            never.
+            tensor lr), a param group with ``capturable=False``, or a Python hook the step runs
+            (module forward/backward hooks, global ones too, parameter hooks, optimizer step
+            pre/post hooks: a replay runs no Python, so they would run only at capture). True
+            captures whenever the model is on CUDA and raises a ValueError for a step that
+            cannot be captured. DDP is captured only under True, with NCCL, after torch's
+            documented 11 warm-up steps, and on the stream fit is called under, which must be
+            the side stream DDP was constructed under (PyTorch's CUDA-graph notes):
+            ``s = torch.cuda.Stream()``, ``with torch.cuda.stream(s): model = DDP(model)`` and
+            ``fastmlp.fit(model, ..., cuda_graph=True)`` inside the same ``with``; on the
+            default stream it is a ValueError (not yet run on a GPU). False never.
         progress: a tqdm bar per epoch (rank 0 only, and only when stderr is a terminal).
         callbacks: each called after every epoch as ``cb(epoch, logs)`` or
             ``cb.on_epoch_end(epoch, logs)`` with logs {"epoch", "loss", "samples_per_s",
@@ -140,7 +147,7 @@ def fit(model: nn.Module, loader: Iterable, loss_fn: Callable, optimizer: torch.
     callbacks = list(callbacks)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     world_size, rank = _dist_world()
-    graph_refusal(model, optimizer, cuda_graph, device)   # its errors (cuda_graph=True off CUDA) first
+    graph_refusal(model, optimizer, cuda_graph, device, loss_fn)   # cuda_graph=True's errors first
     steps = _StepChooser(model, loss_fn, optimizer, device, cuda_graph, cpu_fast_path)
     history = {"loss": [], "samples_per_s": [], "time_s": []}
     show = bool(progress) and rank == 0 and sys.stderr.isatty()

@@ -23,6 +23,13 @@ CUDA graph, whose replays reuse the addresses captured). The table is keyed on t
 new tensor (e.g. a gradient re-allocated after ``zero_grad(set_to_none=True)``) gets a new table:
 correct, at the price of one small host-to-device copy.
 
+Why one table per slot and not a shared LRU. The caller names each launch's slot (fastmlp.SGD:
+param group index, device, dtype) and the launcher keeps that slot's current table, replaced
+only when the slot's tensors change. A shared LRU of a fixed size evicted another slot's table
+whenever a model had more slots than the LRU (9 single-parameter groups against 8 entries:
+every step rebuilt every table, a pinned allocation and a host-to-device copy each, and a
+CUDA-graph capture, which must not build one, failed).
+
 Why lr is read from device memory. A CUDA graph freezes its kernel arguments; a learning rate
 passed by value would be frozen with them. Loaded from a one-element tensor, it can change between
 replays (LR schedulers) by writing that tensor.
@@ -34,8 +41,6 @@ foreach path rounds after every op; for fp32 the two agree to an ulp or so).
 Under TRITON_INTERPRET=1 the same kernel runs on CPU tensors (the tests do that).
 """
 
-from collections import OrderedDict
-
 import torch
 import triton
 import triton.language as tl
@@ -45,7 +50,6 @@ from .launch import device_guard
 
 BLOCK = 2048  # elements per program: 8 fp32 per thread with 4 warps, two 16-byte vectors each
 _TENSOR_COLS = 5  # param ptr, grad ptr, buffer ptr (0: none), numel, first-step flag
-_MAX_CACHED_PLANS = 8
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -118,9 +122,12 @@ def _sgd_kernel(tensor_table, block_table, lr_ptr,
 
 
 class _Plan:
-    """The device tables for one list of tensors (kept alive while a CUDA graph may use them)."""
+    """The device tables for one list of tensors (kept alive while a CUDA graph may use them).
 
-    def __init__(self, table: torch.Tensor, n_tensors: int, n_blocks: int, aligned: bool):
+    key: the addresses, sizes and first-step flags the tables were built from."""
+
+    def __init__(self, key, table: torch.Tensor, n_tensors: int, n_blocks: int, aligned: bool):
+        self.key = key
         self.table = table
         self.tensor_table = table[: n_tensors * _TENSOR_COLS]
         self.block_table = table[n_tensors * _TENSOR_COLS:]
@@ -129,20 +136,22 @@ class _Plan:
 
 
 class MultiTensorSGD:
-    """Launcher with a small cache of pointer tables, one instance per optimizer.
+    """Launcher keeping one pointer table per slot, one instance per optimizer.
 
-    ``step(params, grads, bufs, lr, ...)``: params, grads of one dtype and device; bufs a list of
-    momentum buffers (a None entry is allocated here and filled with g by the kernel, torch's
-    first-step rule), or None when momentum is 0. Returns the list of buffers.
+    ``step(params, grads, bufs, lr, ..., slot=...)``: params, grads of one dtype and device; bufs
+    a list of momentum buffers (a None entry is allocated here and filled with g by the kernel,
+    torch's first-step rule), or None when momentum is 0. Returns the list of buffers. ``slot``
+    names the caller's launch (fastmlp.SGD: (group index, device, dtype)); its table is rebuilt
+    only when that slot's tensors change (see the module docstring). ``_plans``: slot -> _Plan,
+    the tables a captured graph may point into.
     """
 
     def __init__(self):
-        self._plans = OrderedDict()
+        self._plans = {}
 
-    def _plan(self, key, params, grads, bufs, first, device):
-        plan = self._plans.get(key)
-        if plan is not None:
-            self._plans.move_to_end(key)
+    def _plan(self, slot, key, params, grads, bufs, first, device):
+        plan = self._plans.get(slot)
+        if plan is not None and plan.key == key:
             return plan
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
@@ -167,14 +176,12 @@ class MultiTensorSGD:
             table = host.pin_memory().to(device, non_blocking=True)
         else:
             table = host.to(device)
-        plan = _Plan(table, len(params), len(blocks) // 2, aligned)
-        self._plans[key] = plan
-        while len(self._plans) > _MAX_CACHED_PLANS:
-            self._plans.popitem(last=False)
+        plan = _Plan(key, table, len(params), len(blocks) // 2, aligned)
+        self._plans[slot] = plan   # the slot's old table goes, unless a captured graph holds it
         return plan
 
     def step(self, params, grads, bufs, lr: torch.Tensor, *, weight_decay: float, momentum: float,
-             dampening: float, nesterov: bool, maximize: bool):
+             dampening: float, nesterov: bool, maximize: bool, slot=None):
         if not params:
             return bufs
         dtype, device = params[0].dtype, params[0].device
@@ -200,7 +207,9 @@ class MultiTensorSGD:
         key = tuple((p.data_ptr(), g.data_ptr(), bufs[i].data_ptr() if has_momentum else 0,
                      p.numel(), first[i] if has_momentum else False)
                     for i, (p, g) in enumerate(zip(params, grads)))
-        plan = self._plan(key, params, grads, bufs, first, device)
+        if slot is None:
+            slot = (device, dtype)
+        plan = self._plan(slot, key, params, grads, bufs, first, device)
         if lr.device != device:
             raise ValueError(f"fastmlp SGD kernel: lr tensor on {lr.device}, params on {device}")
         with device_guard(device):  # Triton launches on the current device

@@ -133,18 +133,52 @@ def test_triton_half_precision_against_float64(triton_backend, device, dtype, ul
             assert ((p.double() - want).abs() <= tol).all(), f"{dtype} step {step} param {i}"
 
 
-def test_triton_table_is_reused_and_rebuilt(triton_backend, device):
+def _count_table_builds(monkeypatch):
+    """A list that gets one entry per pointer table the SGD launcher builds."""
+    from fastmlp.kernels import sgd as sgd_kernels
+
+    builds, plan_cls = [], sgd_kernels._Plan
+
+    def counted(*args, **kwargs):
+        builds.append(1)
+        return plan_cls(*args, **kwargs)
+
+    monkeypatch.setattr(sgd_kernels, "_Plan", counted)
+    return builds
+
+
+def test_triton_table_is_reused_and_rebuilt(triton_backend, device, monkeypatch):
+    builds = _count_table_builds(monkeypatch)
     ps = _params(SHAPES, device=device)
     opt = fastmlp.SGD(ps, lr=0.01, momentum=0.5)
     _set_grads([ps], 0)
     opt.step()          # first step: buffers born (first-step flags in the table)
     opt.step()          # flags cleared: a new table
     opt.step()          # same tensors: reused
-    plans = opt._launcher._plans
-    assert len(plans) == 2
-    _set_grads([ps], 1)  # new gradient tensors: a new table
+    assert len(builds) == 2
+    _set_grads([ps], 1)  # new gradient tensors: a new table, replacing the group's old one
     opt.step()
-    assert len(plans) == 3
+    assert len(builds) == 3
+    assert len(opt._launcher._plans) == 1, "one table per (group, device, dtype)"
+
+
+def test_triton_tables_of_many_groups_are_not_rebuilt(triton_backend, device, monkeypatch):
+    """More param groups than the launcher once cached tables for (8): 9 single-parameter groups
+    (per-layer lrs). Every step rebuilt every table then (a pinned allocation and a copy per
+    group on CUDA, and a CUDA-graph capture failed on the rebuild); now a group's table is kept
+    until its tensors change."""
+    builds = _count_table_builds(monkeypatch)
+    ps = _params([(3, 2)] * 9, device=device)
+    opt = fastmlp.SGD([{"params": [p], "lr": 0.01 * (i + 1)} for i, p in enumerate(ps)],
+                      lr=0.01, momentum=0.9)
+    _set_grads([ps], 0)
+    opt.step()          # the first-step tables (momentum buffers born)
+    opt.step()          # the steady-state tables
+    before = len(builds)
+    assert before == 18
+    opt.step()
+    assert len(builds) == before, f"{len(builds) - before} tables rebuilt on a steady step"
+    assert len(opt._launcher._plans) == 9
 
 
 def test_triton_lr_tensor_and_lr_changes(triton_backend, device):

@@ -259,6 +259,35 @@ def test_cuda_epochs_capture_unless_the_step_cannot_be():
         _chooser(model, opt, "cuda", True).for_epoch()
 
 
+def test_cuda_epochs_with_a_python_hook_train_eagerly_and_say_why():
+    """A hook runs Python a graph replay would skip (an EMA in an optimizer step post-hook
+    here): auto trains those epochs eagerly, with one warning naming the hook; once removed,
+    the next epoch captures; True refuses with a ValueError naming it."""
+    import warnings
+
+    from fastmlp.graph_step import GraphStep
+    from fastmlp.train import AutogradStep
+
+    model = _seed_like()
+    opt = fastmlp.SGD(model.parameters(), lr=0.01)
+
+    def ema_after_step(optimizer, args, kwargs):
+        return None
+
+    handle = opt.register_step_post_hook(ema_after_step)
+    chooser = _chooser(model, opt, "cuda", cpu_fast_path=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        steps = [chooser.for_epoch() for _ in range(2)]
+    assert all(isinstance(s, AutogradStep) for s in steps)
+    assert len(caught) == 1 and "optimizer step post-hook on SGD: " in str(caught[0].message)
+    assert "ema_after_step" in str(caught[0].message)
+    with pytest.raises(ValueError, match="cannot be captured.*ema_after_step"):
+        _chooser(model, opt, "cuda", True).for_epoch()
+    handle.remove()
+    assert isinstance(chooser.for_epoch(), GraphStep)
+
+
 def test_fit_through_triton_kernels_matches_torch(triton_backend):
     """The whole fastmlp stack through its Triton kernels (interpreter on CPU, native on CUDA):
     fused layers forward/backward and the multi-tensor SGD, against the same fit on torch ops."""
