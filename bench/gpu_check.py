@@ -58,6 +58,16 @@ FINAL_RESERVE_S = 3.0    # kept back from every stage for the last summary
 MIN_STAGE_S = 5.0        # a stage is not started with less than this
 TAIL_LINES = 25
 VALID_STATUSES = ("ok", "fail", "timeout", "skipped")
+# Per command in check.log: above this, the middle is cut (a quarter kept from the start, the rest
+# from the end, where pytest's and compute-sanitizer's summaries are), so that check.log stays
+# under the device tool's 16 MiB per file even when every test fails with a long traceback.
+MAX_SECTION_BYTES = 2 * 2**20
+# Switches that must not leak from the caller's shell into the stages: the interpreter (a GPU run
+# under it would measure numpy, and breaks with numpy >= 2.4), a forced backend, NaN-poisoned
+# outputs in the timed stages. The check sets what each stage needs itself.
+SCRUBBED_ENV = ("TRITON_INTERPRET", "FASTMLP_BACKEND", "FASTMLP_POISON_OUTPUTS")
+RECORDED_ENV_PREFIXES = ("FASTMLP_", "TRITON_", "TORCHINDUCTOR_", "TORCH_", "PYTORCH_", "CUDA_")
+DIGEST_CHARS = 6000      # failing stages' log tails printed before the final table
 
 
 class Interrupted(BaseException):
@@ -89,7 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip", action="append", default=[], choices=plan.STAGES,
                    help="skip a stage (repeatable)")
     p.add_argument("--workers", type=int, default=None,
-                   help="correctness worker processes (default min(8, CPUs))")
+                   help="correctness worker processes (default CPUs - 2, at most 14)")
     p.add_argument("--pytest-workers", type=int, default=None,
                    help="pytest-xdist workers (default min(8, CPUs); 2 in a dry run)")
     p.add_argument("--test-timeout", type=float, default=60.0, metavar="S",
@@ -130,6 +140,7 @@ class Check:
         self.tiny = False
         self.device = "cuda"
         self.env = dict(os.environ)
+        scrubbed = {k: self.env.pop(k) for k in SCRUBBED_ENV if k in self.env}
         self.env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + self.env["PYTHONPATH"]
                                               if self.env.get("PYTHONPATH") else "")
         self.env["PYTHONUNBUFFERED"] = "1"
@@ -145,6 +156,9 @@ class Check:
             "elapsed_s": 0.0,
             "options": {k: v for k, v in vars(args).items()},
             "environment": None,
+            "env_vars": {k: v for k, v in sorted(os.environ.items())
+                         if k.startswith(RECORDED_ENV_PREFIXES)},
+            "scrubbed_env": scrubbed,
             "results_dir": None,
             "stages": [{"name": s, "status": "pending", "seconds": None, "budget_s": None,
                         "files": [], "figures": {}, "reason": None} for s in plan.STAGES],
@@ -152,6 +166,8 @@ class Check:
         }
         with open(self.log_path, "w") as f:
             f.write(f"fastmlp GPU check, {self.summary['started_at']}, in {REPO_ROOT}\n")
+            if scrubbed:
+                f.write(f"[gpu_check] removed from the stages' environment: {scrubbed}\n")
 
     # -- time ------------------------------------------------------------------------------
     def now(self) -> float:
@@ -196,9 +212,14 @@ class Check:
             f.write(text)
 
     # -- subprocesses ----------------------------------------------------------------------
-    def command(self, name: str, cmd: List[str], timeout: float, env_extra: dict) -> proc.Outcome:
-        """Run one command of a stage; its output goes to check.log (section `name`)."""
+    def command(self, name: str, cmd: List[str], timeout: float, env_extra: dict,
+                grace: Optional[float] = None) -> proc.Outcome:
+        """Run one command of a stage; its output goes to check.log (section `name`).
+
+        grace: seconds between SIGINT and SIGKILL (default --grace); a command that writes
+        nothing on SIGINT (the probe, compute-sanitizer) needs only a few."""
         env = dict(self.env, **env_extra)
+        grace = self.args.grace if grace is None else min(grace, self.args.grace)
         start = os.path.getsize(self.log_path)
         shown = " ".join(shlex.quote(c) for c in cmd)
         if len(shown) > 600:
@@ -206,13 +227,32 @@ class Check:
         extra = " ".join(f"{k}={v}" for k, v in env_extra.items())
         header = (f"\n===== [gpu_check] {name}: {extra + ' ' if extra else ''}{shown} "
                   f"(timeout {timeout:.0f} s) =====\n")
-        outcome = proc.run(cmd, timeout=timeout, grace=self.args.grace, log_path=self.log_path,
+        outcome = proc.run(cmd, timeout=timeout, grace=grace, log_path=self.log_path,
                            env=env, cwd=REPO_ROOT, header=header)
+        self._cap_section(start)
         with open(self.log_path, "a") as f:
             f.write(f"===== [gpu_check] {name}: exit {outcome.returncode} in {outcome.seconds:.1f} s"
                     f"{' (' + ', '.join(outcome.signals) + ')' if outcome.signals else ''} =====\n")
         self.sections[name] = (start, os.path.getsize(self.log_path))
         return outcome
+
+    def _cap_section(self, start: int) -> None:
+        """Cut the middle of the section from `start` to the end of check.log if it is too long."""
+        end = os.path.getsize(self.log_path)
+        if end - start <= MAX_SECTION_BYTES:
+            return
+        head_n = MAX_SECTION_BYTES // 4
+        tail_n = MAX_SECTION_BYTES - head_n
+        with open(self.log_path, "r+b") as f:
+            f.seek(start)
+            head = f.read(head_n)
+            f.seek(end - tail_n)
+            tail = f.read(tail_n)
+            f.seek(start)
+            f.truncate()
+            f.write(head + (f"\n[gpu_check] ... {end - start - head_n - tail_n} bytes of this "
+                            f"command's output cut (check.log keeps {MAX_SECTION_BYTES} per "
+                            f"command) ...\n").encode() + tail)
 
     def section_lines(self, name: str) -> List[str]:
         """The lines of check.log written by command `name` (or by every `name:*` command)."""
@@ -229,7 +269,7 @@ class Check:
         """Device, versions and tools (bench.gpucheck.env in a subprocess); whether CUDA is there."""
         path = os.path.join(self.scratch, "env.json")
         outcome = self.command("environment", [self.python, "-m", "bench.gpucheck.env", path],
-                               plan.ENV_PROBE_TIMEOUT_S, {})
+                               plan.ENV_PROBE_TIMEOUT_S, {}, grace=plan.SHORT_GRACE_S)
         try:
             with open(path) as f:
                 self.info = json.load(f)
@@ -322,7 +362,16 @@ class Check:
             self.summary["verdict"] += f" (interrupted: {interrupted})"
         self.write_summary()
         shutil.rmtree(self.scratch, ignore_errors=True)
-        table = report.final_table(self.summary)
+        # The device tool may bring back only the output's tail: what failed, and the end of its
+        # log, come before the final table (which stays the last thing printed).
+        digest = report.failure_digest(self.summary, DIGEST_CHARS)
+        if digest:
+            print("\n" + digest, flush=True)
+        try:
+            table = report.final_table(self.summary)
+        except Exception as exc:  # the table must never cost the exit status
+            table = (f"GPU CHECK {self.summary['verdict']} (final table failed: {exc!r}; "
+                     f"see summary.json)")
         with open(self.log_path, "a") as f:
             f.write("\n" + table + "\n")
         print("\n" + table, flush=True)
@@ -365,6 +414,10 @@ def main(argv=None) -> int:
                 check.stage(name).update(status="skipped", reason="not selected (--stages/--skip)")
                 check.write_summary()
     except (KeyboardInterrupt, Interrupted) as exc:
+        # A second SIGTERM/SIGINT (a device tool's timeout repeating itself) must not cut the
+        # last summary short: the stage in flight is already stopped.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         check.note(f"interrupted ({exc or 'SIGINT'}): writing what is there")
         check.finish(interrupted=str(exc) or "SIGINT")
         return 130

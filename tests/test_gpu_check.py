@@ -151,6 +151,7 @@ def test_dry_run_tests_and_bench_results(dry_run):
     assert root.iter("testcase") is not None
     tests = next(s for s in summary["stages"] if s["name"] == "tests")["figures"]
     assert tests["tests"] > 0 and tests["failures"] == 0 and tests["xdist"] is True
+    assert re.fullmatch(r"\d+ passed in [0-9.]+s", tests["line"]), tests   # pytest -q's last line
     with tarfile.open(out / "bench-results.tar.gz") as tar:
         names = tar.getnames()
         assert "bench-results/results.json" in names and "bench-results/bench.log" in names
@@ -248,26 +249,19 @@ def test_proc_sigkill_after_grace_when_sigint_is_ignored(tmp_path):
 
 
 def test_proc_kills_what_a_finished_command_left_behind(tmp_path):
+    """Also a process that moved to a group of its own (as a launcher may put its target)."""
     pid_file = tmp_path / "pid"
     cmd = _child(tmp_path, f"""
-        import subprocess, sys
-        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-        open({str(pid_file)!r}, "w").write(str(p.pid))
+        import os, subprocess, sys
+        sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+        p = subprocess.Popen(sleep)
+        q = subprocess.Popen(sleep, preexec_fn=os.setpgrp)
+        open({str(pid_file)!r}, "w").write(f"{{p.pid}} {{q.pid}}")
     """)
     outcome = proc.run(cmd, timeout=30, grace=1, log_path=str(tmp_path / "log"))
     assert outcome.returncode == 0 and not outcome.timed_out
-    pid = int(pid_file.read_text())
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            state = "gone"
-        if state in ("gone", "Z", "X"):
-            break
-        time.sleep(0.1)
-    assert state in ("gone", "Z", "X"), f"leftover process {pid} still running ({state})"
+    for pid in pid_file.read_text().split():
+        _assert_gone(int(pid))
 
 
 @pytest.mark.parametrize("device_type,tiny", [("cuda", False), ("cuda", True), ("cpu", True)])
@@ -323,10 +317,218 @@ def test_compile_timer_stops_an_overrunning_compile(monkeypatch):
 
 
 def test_out_file_names_fit_the_device_tool():
+    from bench import gpu_check
+
     assert len(plan.FILES) <= plan.MAX_OUT_FILES
     assert all(NAME_OK.match(n) for n in plan.FILES.values())
     fixed = sum(plan.DEFAULT_STAGE_BUDGET_S.values())
     assert fixed + plan.BENCH_MIN_S + plan.PACK_RESERVE_S <= plan.DEFAULT_BUDGET_S
+    # Worst case, every stage overrunning: each later stage gets only what is left, so the last
+    # one ends at most its grace and the reaping wait after the deadline less the final reserve
+    # (bench: less the packing reserve too, which the packing then uses); then the last summary.
+    # The device tool's timeout_s of ~540 needs all of it within ~510 s.
+    worst = plan.DEFAULT_BUDGET_S - gpu_check.FINAL_RESERVE_S + plan.DEFAULT_GRACE_S + proc.REAP_S
+    assert worst + 3 <= 510, worst
+    # and check.log, one section per command, stays under the tool's 16 MiB per file
+    commands = 1 + len(plan.STAGES) + 1   # the probe, the stages, sanitizer's second tool
+    assert commands * gpu_check.MAX_SECTION_BYTES < 15 * 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU-only paths, with the GPU's parts stood in for
+# ---------------------------------------------------------------------------------------------
+def _check(tmp_path, *argv):
+    """A Check on OUT tmp_path/out as the GPU run would have it, without running the probe."""
+    from bench import gpu_check
+
+    check = gpu_check.Check(gpu_check.parse_args([str(tmp_path / "out"), *argv]))
+    check.info = {"has_cuda": True, "cpu_count": 16, "pytest_xdist": True, "pytest_timeout": True}
+    check.tiny, check.device = False, "cuda"
+    return check
+
+
+def test_pytest_quiet_summary_line_is_read():
+    """The tests stage passes -q, where pytest's last line has no '=' around it."""
+    from bench.gpucheck import stages
+
+    for line, want in (("29 passed in 4.33s", "29 passed in 4.33s"),
+                       ("3 failed, 250 passed, 2 skipped in 98.10s (0:01:38)", None),
+                       ("== 1 failed, 28 passed, 3 warnings in 5.00s ==", None),
+                       ("no tests ran in 0.01s", None),
+                       ("===== slowest 25 durations =====", False),
+                       ("(25 durations < 0.005s hidden.  Use -vv to show these durations.)", False)):
+        match = stages._PYTEST_LINE.match(line)
+        if want is False:
+            assert match is None, line
+        else:
+            assert match and match.group(1) == (want or line.strip("= ")), line
+
+
+def test_headline_rows_left_unmeasured_by_the_budget_are_not_ok(tmp_path, monkeypatch):
+    """A headline run that ends cleanly but skipped fastmlp on rows (its own deadline) is a
+    timeout, not a pass: on a cold GPU the first rows' autotuning can eat the stage."""
+    from bench.gpucheck import stages
+
+    check = _check(tmp_path)
+    ids = plan.headline_ids(tiny=False)
+
+    def fake_command(name, cmd, timeout, env_extra, grace=None):
+        records = [{"id": i, "variants": {"fastmlp": {"status": "ok" if n < 2 else "skipped",
+                                                      "median_ms": 1.0 if n < 2 else None}},
+                    "speedup": {}} for n, i in enumerate(ids)]
+        with open(cmd[cmd.index("--out") + 1], "w") as f:
+            json.dump({"complete": True, "records": records, "compile": {}, "peak": {}}, f)
+        return proc.Outcome(returncode=0, timed_out=False, seconds=1.0)
+
+    monkeypatch.setattr(check, "command", fake_command)
+    entry = stages.headline(check, 150)
+    assert entry["status"] == "timeout", entry
+    assert f"4 of {len(ids)} rows" in entry["reason"] and entry["figures"]["unmeasured"] == ids[2:]
+
+
+def test_sanitizer_stage_command_lines_and_summaries(tmp_path):
+    """The sanitizer stage with a stand-in compute-sanitizer: its argv, and the summaries read."""
+    from bench.gpucheck import stages
+
+    argv_log = tmp_path / "argv"
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import sys
+        args = sys.argv[1:]
+        open({str(argv_log)!r}, "a").write(repr(args) + "\\n")
+        tool = args[args.index("--tool") + 1]
+        if tool == "memcheck":
+            print("sanitize target (memcheck): 52 checks, ok")
+            print("========= ERROR SUMMARY: 3 errors")
+            sys.exit(int(args[args.index("--error-exitcode") + 1]))
+        print("sanitize target (racecheck): 4 checks, ok")
+        print("========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)")
+    """))
+    fake.chmod(0o755)
+    check = _check(tmp_path)
+    check.info["compute_sanitizer"] = str(fake)
+    entry = stages.sanitizer(check, 30)
+    calls = [eval(line) for line in argv_log.read_text().splitlines()]
+    assert [c[c.index("--tool") + 1] for c in calls] == ["memcheck", "racecheck"]
+    for c in calls:
+        target = c[c.index(sys.executable):]
+        assert target[:3] == [sys.executable, "-m", "bench.sanitize_target"]
+        assert target[3:] == ["--mode", c[c.index("--tool") + 1]]
+    assert entry["status"] == "fail"
+    memcheck, racecheck = entry["figures"]["memcheck"], entry["figures"]["racecheck"]
+    assert memcheck["summary"] == "3 errors" and memcheck["reason"].startswith("the tool reported")
+    assert memcheck["target"] == "52 checks, ok"
+    assert racecheck["status"] == "ok" and racecheck["summary"].startswith("0 hazards")
+
+
+def test_caller_switches_do_not_leak_into_the_stages(tmp_path, monkeypatch):
+    """TRITON_INTERPRET from the caller's shell would put a GPU run under the interpreter."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FASTMLP_BACKEND", "torch")
+    monkeypatch.setenv("FASTMLP_AUTOTUNE", "0")
+    check = _check(tmp_path)
+    assert "TRITON_INTERPRET" not in check.env and "FASTMLP_BACKEND" not in check.env
+    assert check.summary["scrubbed_env"] == {"TRITON_INTERPRET": "1", "FASTMLP_BACKEND": "torch"}
+    assert check.summary["env_vars"]["FASTMLP_AUTOTUNE"] == "0"   # recorded, left as set
+
+
+def test_a_command_flooding_check_log_is_cut_in_the_middle(tmp_path):
+    from bench import gpu_check
+
+    check = _check(tmp_path)
+    code = "[print(f'line {i} ' + 'x' * 40) for i in range(200000)]; print('THE END')"
+    outcome = check.command("flood", [sys.executable, "-c", code], 60, {})
+    assert outcome.returncode == 0
+    size = os.path.getsize(check.log_path)
+    assert size < gpu_check.MAX_SECTION_BYTES + 4096, size
+    lines = check.section_lines("flood")
+    assert "[gpu_check] flood:" in lines[1] and lines[2].startswith("line 0 ")  # header, start
+    assert any("bytes of this command's output cut" in line for line in lines)
+    assert lines[-2] == "THE END" and "exit 0" in lines[-1]       # the end, and the exit line
+
+
+def test_failure_digest_fits_the_output_tail():
+    from bench.gpucheck import report
+
+    stages = [{"name": n, "status": "fail", "reason": "r" * 500,
+               "log_tail": [f"{n} line {i} " + "y" * 300 for i in range(25)]} for n in plan.STAGES]
+    stages[0]["status"] = "ok"
+    digest = report.failure_digest({"stages": stages}, 6000)
+    assert len(digest) <= 6000
+    for n in plan.STAGES[1:]:
+        assert f"--- {n}: fail" in digest and f"{n} line 24 " in digest   # each stage's last line
+    assert f"--- {plan.STAGES[0]}" not in digest
+    assert report.failure_digest({"stages": stages[:1]}, 6000) == ""
+    # figures of an unexpected shape give a note, never an exception (the check prints them)
+    assert "figures not rendered" in report.figures_text(
+        {"name": "headline", "figures": {"rows": [{"id": None}]}, "reason": None})
+
+
+def test_proc_second_interrupt_during_the_grace_still_kills_the_group(tmp_path):
+    """A device tool's timeout may signal twice: the stage's processes must not outlive it."""
+    pid_file = tmp_path / "pid"
+    cmd = _child(tmp_path, f"""
+        import signal, subprocess, sys, time
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        open({str(pid_file)!r}, "w").write(str(p.pid))
+        time.sleep(60)
+    """)
+
+    class Stop(BaseException):
+        pass
+
+    def raise_stop(signum, frame):
+        raise Stop()
+
+    previous = signal.signal(signal.SIGUSR1, raise_stop)
+    try:
+        import threading
+
+        def twice():
+            while not pid_file.exists():
+                time.sleep(0.05)
+            for _ in range(2):
+                time.sleep(0.5)
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+        threading.Thread(target=twice, daemon=True).start()
+        with pytest.raises(Stop):
+            proc.run(cmd, timeout=30, grace=10, log_path=str(tmp_path / "log"))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    _assert_gone(int(pid_file.read_text()))
+
+
+def _assert_gone(pid):
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            state = "gone"
+        if state in ("gone", "Z", "X"):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"leftover process {pid} still running ({state})")
+
+
+def test_gpu_check_sh_skips_a_python_without_torch(tmp_path):
+    """`python` may be another interpreter than the one with torch (python3 on the GPU machine)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text("#!/bin/sh\necho 'Python 2.7' >&2\nexit 1\n")
+    (bin_dir / "python").chmod(0o755)
+    (bin_dir / "python3").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    (bin_dir / "python3").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env["PATH"] = f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin"
+    result = subprocess.run(["bash", SCRIPT, "--help"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--allow-cpu" in result.stdout
 
 
 def test_sanitize_target_racecheck_mode_and_sgd_on_the_interpreter(triton_backend):

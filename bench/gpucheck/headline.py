@@ -177,12 +177,13 @@ def run(stage: Stage, opts: RunOptions, budget_s: float, compile_budget_s: float
         for i, (case, record) in enumerate(zip(headline, results["records"]), 1):
             name = compile_variant(case)
             log(f"[B {i}/{len(headline)}] {case.id}: {name}")
-            started = time.monotonic()
+            started, spent_before = time.monotonic(), allowance.compile_spent
             try:
                 extra = run_case(case, device, compile_opts, allowance, quiet)
                 entry = extra["variants"][name]
             except CompileOverBudget:
-                allowance.compile_spent += time.monotonic() - started
+                # run_case's finally has already counted the stopped compile: count it once
+                allowance.compile_spent = spent_before + (time.monotonic() - started)
                 entry = empty_variant("skipped", (
                     f"budget: compile stopped after {time.monotonic() - started:.0f} s "
                     f"(compile budget {compile_budget_s:g} s)"))

@@ -27,6 +27,7 @@ DEFAULT_STAGE_BUDGET_S: Dict[str, float] = {
 }
 DEFAULT_COMPILE_BUDGET_S = 45.0   # torch.compile baselines inside the headline stage
 DEFAULT_GRACE_S = 20.0            # SIGINT -> SIGKILL
+SHORT_GRACE_S = 5.0               # the same for commands that write nothing on SIGINT
 BENCH_MIN_S = 30.0                # below this, the remaining rows are not worth starting
 PACK_RESERVE_S = 10.0             # packing the bench results and the last summary
 ENV_PROBE_TIMEOUT_S = 60.0

@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 POLL_S = 0.1
+# After SIGKILL, how long to wait for the main process to be reaped: a process in an
+# uninterruptible driver call (a CUDA context being torn down) dies when the call returns; the
+# check must not wait on it forever.
+REAP_S = 8.0
 
 
 @dataclass
@@ -58,11 +62,39 @@ def _wait_exit(pid: int, seconds: float) -> bool:
         time.sleep(POLL_S)
 
 
+def _session_members(sid: int) -> List[int]:
+    """Processes of session `sid` (from /proc; empty where there is no /proc)."""
+    members = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return members
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 3 and fields[3] == str(sid):   # state ppid pgrp session ...
+            members.append(int(name))
+    return members
+
+
 def _kill_group(pgid: int) -> None:
+    """SIGKILL the command's process group, and whatever of its session left the group (a
+    launcher such as compute-sanitizer may give its target a group of its own; only setsid
+    leaves the session, which nothing here does)."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass  # nothing left in the group
+    for pid in _session_members(pgid):   # the command's pid is its group's and session's id
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def run(cmd: Sequence[str], *, timeout: float, grace: float, log_path: str,
@@ -92,17 +124,26 @@ def run(cmd: Sequence[str], *, timeout: float, grace: float, log_path: str,
         if not _wait_exit(proc.pid, grace_s):
             signals.append(f"SIGKILL at {time.monotonic() - start:.1f} s")
 
+    def reap() -> Optional[int]:
+        try:
+            return proc.wait(timeout=REAP_S)
+        except subprocess.TimeoutExpired:
+            signals.append(f"not reaped {REAP_S:g} s after SIGKILL")
+            return None
+
     timed_out = False
     try:
         if not _wait_exit(proc.pid, timeout):
             timed_out = True
             stop(grace)
     except BaseException:
-        stop(min(grace, 5.0))
-        _kill_group(proc.pid)
-        proc.wait()
+        try:
+            stop(min(grace, 5.0))
+        finally:  # a second signal during the grace must not leave the group running
+            _kill_group(proc.pid)
+            reap()
         raise
     _kill_group(proc.pid)  # leftovers (or, after a refused SIGINT, everything)
-    code = proc.wait()
+    code = reap()
     return Outcome(returncode=code, timed_out=timed_out, seconds=time.monotonic() - start,
                    signals=signals)

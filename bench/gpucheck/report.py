@@ -11,6 +11,10 @@ from typing import Dict, List, Optional
 from bench import report as bench_report
 
 DTYPE_ORDER = ("fp32", "tf32", "fp16", "bf16")
+# Baseline names in the one-line figures (others as they are: "fastmlp-mlp" and "fastmlp-parts"
+# must not both read "fastmlp")
+SHORT_NAMES = {"cublaslt-epilogue": "cublaslt", "stock-dataloader": "stock",
+               "stock-dataloader+compile-ro": "stock+compile"}
 
 
 def correctness_matrix(rows: List[dict]) -> Dict[str, Dict[str, dict]]:
@@ -126,7 +130,15 @@ def _load(path: str) -> Optional[dict]:
 
 
 def figures_text(stage: dict) -> str:
-    """One line of a stage's key figures for the tables."""
+    """One line of a stage's key figures for the tables (never raises: the orchestrator prints
+    it after every stage, and figures of an unexpected shape must not stop the check)."""
+    try:
+        return _figures_text(stage)
+    except Exception as exc:
+        return f"{stage.get('reason') or ''} (figures not rendered: {type(exc).__name__}: {exc})"
+
+
+def _figures_text(stage: dict) -> str:
     f = stage.get("figures") or {}
     name = stage["name"]
     if stage.get("reason") and not f:
@@ -142,7 +154,7 @@ def figures_text(stage: dict) -> str:
         parts = []
         for row in f.get("rows", []):
             ratios = row.get("speedup") or {}
-            short = ", ".join(f"{ratios[k]:.2f}×{k.split('-')[0]}" for k in ratios if ratios[k])
+            short = ", ".join(f"{ratios[k]:.2f}×{SHORT_NAMES.get(k, k)}" for k in ratios if ratios[k])
             parts.append(f"{row['id'].split('/')[1]} {row['id'].split('/')[-1]}: {short or '—'}")
         return "; ".join(parts) or "no rows"
     if name == "tests" and f:
@@ -176,7 +188,9 @@ def summary_markdown(summary: dict, out: str) -> str:
              f"{summary.get('budget_s'):.0f} s budget). Command: `{summary.get('command')}`.", "",
              f"Versions: Python {ver.get('python')}, torch {ver.get('torch')}, triton "
              f"{ver.get('triton')}, CUDA {ver.get('cuda')}, fastmlp {ver.get('fastmlp')} (git "
-             f"{(ver.get('git_commit') or '?')[:10]}{', dirty tree' if ver.get('git_dirty') else ''}).",
+             f"{(ver.get('git_commit') or '?')[:10]}{', dirty tree' if ver.get('git_dirty') else ''}; "
+             f"tree digest {env.get('tree_digest') or '?'}: `python -m bench.gpucheck.env --digest` "
+             f"in a checkout gives the same for the same files).",
              f"Device: {json.dumps(dev)}; nvidia-smi: {env.get('nvidia_smi')}.", "",
              "## Stages", "", bench_report.markdown_table(stage_table(summary)), ""]
     sections = (("correctness", "Correctness on silicon", "correctness.json", correctness_markdown),
@@ -199,12 +213,33 @@ def summary_markdown(summary: dict, out: str) -> str:
     return "\n".join(lines)
 
 
+def failure_digest(summary: dict, limit: int) -> str:
+    """Each stage that did not pass: its reason and the end of its log, in at most `limit`
+    characters in all (the device tool may return only the last 12,000 of the output)."""
+    bad = [s for s in summary["stages"] if s["status"] not in ("ok", "skipped")]
+    if not bad:
+        return ""
+    share = max(200, limit // len(bad))
+    blocks = []
+    for s in bad:
+        head = f"--- {s['name']}: {s['status']}: {s.get('reason') or ''}"[:share // 2]
+        lines, used = [], len(head)
+        for line in reversed(s.get("log_tail") or []):
+            line = "    " + line[:200]
+            if used + len(line) + 1 > share:
+                break
+            lines.insert(0, line)
+            used += len(line) + 1
+        blocks.append("\n".join([head] + lines))
+    return "\n".join(blocks)[-limit:]
+
+
 def final_table(summary: dict) -> str:
     """The last lines the check prints (the device tool returns only the output tail)."""
     env = summary.get("environment") or {}
     head = (f"GPU CHECK {summary.get('verdict')}: {(env.get('device') or {}).get('name', '?')}, "
             f"{summary.get('date')}, git {((env.get('versions') or {}).get('git_commit') or '?')[:10]}, "
-            f"{summary.get('elapsed_s', 0):.0f} s")
+            f"tree {env.get('tree_digest') or '?'}, {summary.get('elapsed_s', 0):.0f} s")
     rows = stage_table(summary)
     body = bench_report.text_table([r[:4] + [r[5][:160]] for r in rows])
     files = f"OUT ({summary.get('out')}): {' '.join(summary.get('files') or [])}"
