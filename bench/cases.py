@@ -22,6 +22,11 @@ MLP_SHAPES = ((8192, 1024, 1024, False), (8192, 4096, 4096, False),
 # baseline computes the same thing), and SiLU.
 MLP_ACTIVATIONS = ("gelu_tanh", "silu")
 ACTIVATION_DTYPES = ("fp32", "bf16")
+# Narrow MLPs, fastmlp.FusedMLP's workload (tiny-cuda-nn's class): in -> 4 hidden -> out, ReLU,
+# batch 2**20 on GPUs; on CPU a small batch only exercises the rows.
+NARROW_MLPS = ((32, 64, 64, 64, 64, 16), (32, 128, 128, 128, 128, 16))
+NARROW_GPU_BATCH, NARROW_CPU_BATCH, NARROW_DTYPES = 2**20, 4096, ("fp16", "bf16", "fp32")
+TINY_NARROW = (64, (8, 16, 16, 4))
 # Stand-ins with the same structure for the harness's own tests (--tiny).
 TINY_BATCH, TINY_DIMS, TINY_SAMPLES = 8, (16, 12, 4), 64
 TINY_MLP_SHAPES = ((32, 16, 16, False), (64, 8, 8, False))
@@ -65,6 +70,8 @@ class Case:
 
     @property
     def cost(self) -> costs.Cost:
+        if "narrow" in self.tags:
+            return costs.fused_stack_cost(self.batch, self.dims, self.dtype, self.pass_)
         if self.kind == "epoch":
             steps = self.samples // self.batch
             return costs.mlp_cost(self.batch, self.dims, self.dtype, "step", False) * steps
@@ -125,6 +132,17 @@ def catalogue(device_type: str, full: bool = False, tiny: bool = False,
             for pass_ in ("fwd", "fwd+bwd"):
                 cases.append(Case("mlp-layer", "layer", pass_, dtype, m, (k, n),
                                   gpu_only=gpu_only, tags=("mlp",)))
+    # Narrow MLPs (workload "narrow-mlp", kind "model": the data needs no gradient).
+    if tiny:
+        narrow = [TINY_NARROW]
+    else:
+        narrow = [(NARROW_GPU_BATCH if on_gpu else NARROW_CPU_BATCH, d) for d in NARROW_MLPS]
+    narrow_dtypes = [d for d in mlp_dtypes if d in NARROW_DTYPES] or mlp_dtypes[:1]
+    for n_batch, n_dims in narrow:
+        for dtype in narrow_dtypes:
+            for pass_ in ("fwd", "fwd+bwd"):
+                cases.append(Case("narrow-mlp", "model", pass_, dtype, n_batch, n_dims,
+                                  tags=("mlp", "narrow")))
     # The other activations last: a run cut short by its time budget keeps the ReLU rows. On CPU
     # only with --full (or --tiny, one shape): they are GPU measurements.
     if on_gpu or full or tiny:

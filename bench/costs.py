@@ -82,6 +82,21 @@ def mlp_cost(batch: int, dims: Sequence[int], dtype: str, pass_: str, input_grad
     return total
 
 
+def fused_stack_cost(batch: int, dims: Sequence[int], dtype: str, pass_: str) -> Cost:
+    """A whole MLP as one fused computation (fastmlp.FusedMLP's floor): the FLOPs of mlp_cost
+    (the data needs no gradient), but the only bytes that must move are X in and Y out, each
+    parameter read (and, with backward, its gradient written), and the output gradient G read:
+    the hidden activations can stay on-chip or be recomputed. FusedMLP itself also writes one
+    [batch, width] tensor per hidden layer forward and a dZ per layer backward (bench/NOTES.md)."""
+    e = ELEMENT_BYTES[dtype]
+    flops = mlp_cost(batch, dims, dtype, pass_, input_grad=False).flops
+    params = sum(n * k + n for k, n in zip(dims[:-1], dims[1:]))
+    elements = batch * dims[0] + batch * dims[-1] + params
+    if pass_ in ("fwd+bwd", "step"):
+        elements += batch * dims[-1] + params + (params if pass_ == "step" else 0)
+    return Cost(flops, e * elements)
+
+
 def floor_seconds(cost: Cost, dtype: str, peaks: Dict = H100_SXM_DATASHEET) -> Tuple[float, str]:
     """The shortest time the cost allows at the given peaks, and which side binds."""
     compute = cost.flops / (peaks["tflops"][dtype] * 1e12)

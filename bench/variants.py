@@ -31,7 +31,8 @@ from bench.cases import Case
 
 TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16,
                 "bf16": torch.bfloat16}
-LAYER_VARIANTS = ("fastmlp", "eager", "cublaslt-epilogue", "compile", "compile-max-autotune")
+LAYER_VARIANTS = ("fastmlp", "fastmlp-mlp", "fastmlp-per-layer", "fastmlp-fused", "eager",
+                  "cublaslt-epilogue", "compile", "compile-max-autotune")
 COMPILE_MODES = {"compile": "default", "compile-max-autotune": "max-autotune"}
 SEED_LR = 1e-4
 
@@ -109,7 +110,14 @@ def activation_module(name: str) -> nn.Module:
 
 def applies(case: Case, name: str) -> bool:
     """Whether variant `name` can run `case`: the cuBLASLt epilogue exists for ReLU (forward
-    and backward) and tanh-GELU (forward) only."""
+    and backward) and tanh-GELU (forward) only. Narrow-MLP rows ("narrow" tag): fastmlp is
+    FusedMLP (its dispatcher's pick), fastmlp-fused its fully fused path forced, fastmlp-per-layer
+    fastmlp.fuse's per-layer kernels; the seed model also times FusedMLP, as fastmlp-mlp."""
+    narrow = "narrow" in case.tags
+    if name in ("fastmlp-per-layer", "fastmlp-fused"):
+        return narrow
+    if name == "fastmlp-mlp":
+        return case.kind == "model" and not narrow
     if name == "cublaslt-epilogue":
         return case.activation == "relu" or (case.activation == "gelu_tanh" and case.pass_ == "fwd")
     return True
@@ -181,15 +189,62 @@ def build_model(name: str, reference: nn.Sequential) -> nn.Module:
 
 def make_optimizer(name: str, params):
     """fastmlp.SGD for the fastmlp variant once it exists, else (and for baselines) torch.optim.SGD."""
-    if name == "fastmlp" and hasattr(fastmlp, "SGD"):
+    if name.startswith("fastmlp") and hasattr(fastmlp, "SGD"):
         return fastmlp.SGD(params, lr=SEED_LR), "fastmlp.SGD"
     return torch.optim.SGD(params, lr=SEED_LR), "torch.optim.SGD"
 
 
+class _ForcedPath(nn.Module):
+    """A FusedMLP run by one path (fastmlp.mlp.use_path) whatever its dispatcher would pick."""
+
+    def __init__(self, mlp: nn.Module, path: str):
+        super().__init__()
+        self.mlp, self.path = mlp, path
+
+    def forward(self, x):
+        from fastmlp.mlp import use_path
+
+        with use_path(self.path):
+            return self.mlp(x)
+
+
+def _fastmlp_model(case: Case, name: str, reference: nn.Sequential) -> Optional[nn.Module]:
+    """The FusedMLP-based variants (None for the others)."""
+    narrow = "narrow" in case.tags
+    if (name == "fastmlp" and narrow) or name == "fastmlp-mlp":
+        return fastmlp.FusedMLP.from_sequential(copy.deepcopy(reference))
+    if name == "fastmlp-fused":
+        return _ForcedPath(fastmlp.FusedMLP.from_sequential(copy.deepcopy(reference)), "fused")
+    if name == "fastmlp-per-layer":
+        return fastmlp.fuse(copy.deepcopy(reference))
+    return None
+
+
+def _path_note(model: nn.Module, x: torch.Tensor) -> str:
+    """Which computation a FusedMLP variant runs (its dispatcher times the candidates here, on
+    the first call of the shape, outside the timed region)."""
+    mlp = getattr(model, "mlp", model)
+    if not isinstance(mlp, fastmlp.FusedMLP):
+        return ""
+    if isinstance(model, _ForcedPath):
+        from fastmlp.mlp import use_path
+
+        with use_path(model.path):
+            return f"path {mlp.path(x)}"
+    return f"path {mlp.path(x)}"
+
+
 def build(case: Case, name: str, reference: nn.Sequential, data: CaseData) -> Runnable:
     """The timed call of variant `name` for a layer or model case."""
-    model = build_model(name, reference)
+    model = _fastmlp_model(case, name, reference)
+    model = build_model(name, reference) if model is None else model
     params = [p for p in model.parameters()]
+    if case.pass_ != "fwd" and case.kind == "model":
+        with torch.enable_grad():
+            note = _path_note(model, data.x)
+    else:
+        with torch.no_grad():
+            note = _path_note(model, data.x)
     if case.pass_ == "fwd":
         x = data.x
         last = {}
@@ -199,7 +254,7 @@ def build(case: Case, name: str, reference: nn.Sequential, data: CaseData) -> Ru
                 last["y"] = model(x)
             return last["y"]
 
-        return Runnable(forward, output=lambda: last["y"])
+        return Runnable(forward, output=lambda: last["y"], notes=note)
 
     if case.kind == "layer":
         # A hidden layer: its input needs a gradient; the upstream gradient is a fixed tensor.
@@ -218,7 +273,7 @@ def build(case: Case, name: str, reference: nn.Sequential, data: CaseData) -> Ru
         def forward_backward():
             loss_fn(model(x), target).backward()
 
-        return Runnable(forward_backward, reset=lambda: _clear(params), grads=params)
+        return Runnable(forward_backward, reset=lambda: _clear(params), grads=params, notes=note)
 
     optimizer, opt_name = make_optimizer(name, params)
 
@@ -231,7 +286,7 @@ def build(case: Case, name: str, reference: nn.Sequential, data: CaseData) -> Ru
         loss.backward()
         optimizer.step()
 
-    return Runnable(step, notes=f"optimizer {opt_name}")
+    return Runnable(step, notes=f"optimizer {opt_name}" + (f", {note}" if note else ""))
 
 
 def _clear(tensors):

@@ -1,0 +1,431 @@
+"""FusedMLP against float64 torch on the equivalent nn.Sequential, through the fused kernels
+(interpreter on CPU, outputs NaN-poisoned before every launch), the per-layer kernels and the
+torch path.
+
+The axes (depth 1-8, hidden widths 16/32/64/100/128 and one past the fused limit, in/out widths
+1/3/1000, batches 1/primes/300/3-D/empty, bias, every activation, output activation, fp32 / fp16
+/ bf16 / fp64, frozen input or layers) are covered pairwise by the CASES table rather than as a
+cross product: the interpreter needs ~0.1-1 s per case. Half-precision results are held to the
+error torch's own eager Sequential makes in that dtype (measured per test against the same
+float64 reference), times a small factor, rather than to a fixed number.
+"""
+
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import fastmlp
+from fastmlp import mlp as fmlp
+from fastmlp.mlp import FusedMLP
+from reference import TOLERANCE, assert_close, rel_err
+
+FP32, FP16, BF16, FP64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+
+
+def _equivalent_sequential(model: FusedMLP) -> nn.Sequential:
+    """A deep copy of the model's children as the nn.Sequential it stands for."""
+    return nn.Sequential(OrderedDict((n, copy.deepcopy(m)) for n, m in model.named_children()))
+
+
+def _run(model, x, grad_out):
+    """Forward + backward; (y, dX or None, grads of every parameter, in order)."""
+    y = model(x)
+    y.backward(grad_out)
+    return y, x.grad, [p.grad for p in model.parameters()]
+
+
+def _reference(seq, x, grad_out, dtype=FP64):
+    """The same computation by torch's nn.Sequential in `dtype` on CPU (float64: the reference)."""
+    ref = copy.deepcopy(seq).to("cpu", dtype)
+    xr = x.detach().to("cpu", dtype).requires_grad_(x.requires_grad)
+    return _run(ref, xr, grad_out.detach().to("cpu", dtype))
+
+
+def _tolerances(seq, x, grad_out, expected, dtype):
+    """Per output tensor: the dtype's tolerance, or for 16-bit dtypes 4x the error torch's eager
+    Sequential makes in that dtype on the same inputs (at least the fixed tolerance)."""
+    n = 2 + len(expected[2])
+    if dtype not in (FP16, BF16):
+        return [TOLERANCE[dtype]] * n
+    y, dx, grads = _reference(seq, x, grad_out, dtype)
+    errs = [rel_err(y, expected[0])] + ([rel_err(dx, expected[1])] if dx is not None else [0.0])
+    errs += [rel_err(g, e) if g is not None else 0.0 for g, e in zip(grads, expected[2])]
+    return [max(TOLERANCE[dtype], 4 * e) for e in errs]
+
+
+def check_against_reference(model, lead, dtype, device, x_grad=True, seed=0, what=""):
+    """model(x) and its gradients vs float64 torch on the equivalent Sequential."""
+    gen = torch.Generator().manual_seed(seed)
+    in_features = next(iter(model.parameters())).shape[1]
+    x = torch.randn(*lead, in_features, generator=gen).to(device, dtype).requires_grad_(x_grad)
+    seq = _equivalent_sequential(model)
+    grad_out = _grad_like(model, x, gen)
+    y, dx, grads = _run(model, x, grad_out)
+    expected = _reference(seq, x, grad_out)
+    tols = _tolerances(seq, x, grad_out, expected, dtype)
+    assert y.dtype == dtype and y.shape == expected[0].shape
+    assert_close(y, expected[0], dtype, f"{what} forward", tols[0])
+    if x_grad:
+        assert_close(dx, expected[1], dtype, f"{what} dX", tols[1])
+    else:
+        assert dx is None
+    for (name, p), g, e, tol in zip(model.named_parameters(), grads, expected[2], tols[2:]):
+        if p.requires_grad:
+            assert g is not None, f"{what}: no gradient for {name}"
+            assert g.dtype == p.dtype and g.shape == p.shape
+            assert_close(g, e, dtype, f"{what} d{name}", tol)
+        else:
+            assert g is None, f"{what}: a gradient for frozen {name}"
+    return y
+
+
+def _grad_like(model, x, gen):
+    out = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
+    shape = (*x.shape[:-1], out)
+    return torch.randn(*shape, generator=gen).to(x.device, x.dtype)
+
+
+def _build(in_f, hidden, out_f, act, out_act, bias, dtype, device, seed=0):
+    torch.manual_seed(seed)
+    return FusedMLP(in_f, hidden, out_f, activation=act, output_activation=out_act, bias=bias,
+                    device=device, dtype=dtype)
+
+
+# (id, in, hidden, out, leading dims, activation, output activation, bias, dtype)
+CASES = [
+    ("seed", 1000, [100], 10, (64,), "relu", None, True, FP32),
+    ("tcnn-64x4", 32, [64] * 4, 16, (37,), "relu", None, True, FP16),
+    ("deep-16x8", 3, [16] * 8, 1, (300,), "tanh", None, True, FP32),
+    ("w32-3d", 1, [32, 32], 3, (5, 7), "gelu", "sigmoid", True, BF16),
+    ("w128-nobias", 3, [128] * 3, 3, (31,), "silu", "tanh", False, FP32),
+    ("mixed-widths", 13, [16, 100, 64], 1000, (1,), nn.LeakyReLU(0.2), "relu", True, FP16),
+    ("w100", 1000, [100, 100], 1, (67,), "gelu_tanh", "gelu", True, BF16),
+    ("sigmoid-3d", 3, [64] * 2, 3, (2, 3, 5), "sigmoid", nn.LeakyReLU(0.1), False, FP16),
+    ("linear-chain", 7, [32] * 5, 5, (13,), None, None, True, FP32),
+    ("leaky-negative", 5, [64] * 3, 2, (29,), nn.LeakyReLU(-0.1), "silu", True, FP32),
+    ("w128-bf16", 1, [128, 128], 1000, (3,), "relu", "gelu_tanh", True, BF16),
+    ("fp64-gelu", 3, [16] * 6, 1, (7,), "gelu", "tanh", True, FP64),
+    ("fp64-relu", 1, [32] * 7, 3, (11,), "relu", None, False, FP64),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_matches_float64_sequential(impl, case):
+    name, in_f, hidden, out_f, lead, act, out_act, bias, dtype = case
+    model = _build(in_f, hidden, out_f, act, out_act, bias, dtype, impl)
+    x = torch.zeros(*lead, in_f, device=impl, dtype=dtype)
+    expected_path = "torch" if fastmlp.get_backend() == "torch" else "fused"
+    assert model.path(x) == expected_path
+    check_against_reference(model, lead, dtype, impl, seed=len(name), what=name)
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)], ids=str)
+def test_empty_batch(impl, lead):
+    model = _build(5, [16, 16], 3, "gelu", "sigmoid", True, FP32, impl)
+    x = torch.randn(*lead, 5, device=impl, requires_grad=True)
+    y = model(x)
+    assert y.shape == (*lead, 3)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for p in model.parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
+
+
+FROZEN = [  # (id, x needs grad, indices of frozen parameters)
+    ("frozen-input", False, []),
+    ("frozen-first-layer", True, [0, 1]),
+    ("frozen-middle", False, [2, 3, 5]),
+    ("frozen-last", True, [6, 7]),
+    ("only-input", True, list(range(8))),
+]
+
+
+@pytest.mark.parametrize("case", FROZEN, ids=[c[0] for c in FROZEN])
+def test_frozen_input_or_layers(triton_backend, case):
+    name, x_grad, frozen = case
+    model = _build(9, [32, 48, 32], 4, "silu", "sigmoid", True, FP32, "cpu")
+    params = list(model.parameters())
+    for i in frozen:
+        params[i].requires_grad_(False)
+    check_against_reference(model, (23,), FP32, "cpu", x_grad=x_grad, what=name)
+
+
+def test_inference_saves_nothing_and_matches(triton_backend):
+    model = _build(6, [32, 32], 2, "gelu", "gelu", True, FP32, "cpu")
+    x = torch.randn(19, 6)
+    with torch.no_grad():
+        y = model(x)
+    assert not y.requires_grad
+    assert_close(y, _equivalent_sequential(model).double()(x.double()), FP32, "no_grad forward")
+
+
+def test_nan_propagates_like_torch(triton_backend):
+    """NaN in one input row reaches that output row (relu keeps NaN, as torch) and no other."""
+    model = _build(4, [16, 16], 3, "relu", "relu", True, FP32, "cpu")
+    x = torch.randn(9, 4)
+    x[4, 2] = float("nan")
+    y = model(x)
+    ref = _equivalent_sequential(model)(x)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.isnan(y[4]).all() and not torch.isnan(y[torch.arange(9) != 4]).any()
+
+
+def test_past_the_fused_limit_takes_the_per_layer_path(triton_backend):
+    model = _build(3, [16, 256], 2, "relu", None, True, FP32, "cpu")
+    assert model.path(torch.zeros(1, 3)) == "per-layer"
+    check_against_reference(model, (17,), FP32, "cpu", what="width 256")
+
+
+def test_mixed_activations_take_the_per_layer_path(triton_backend):
+    seq = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
+    model = FusedMLP.from_sequential(seq)
+    assert model.path(torch.zeros(1, 5)) == "per-layer"
+    check_against_reference(model, (13,), FP32, "cpu", what="relu then tanh")
+
+
+def test_forced_per_layer_path_matches(triton_backend):
+    model = _build(7, [32, 32], 3, "relu", None, True, FP32, "cpu")
+    with fmlp.use_path("per-layer"):
+        assert model.path(torch.zeros(1, 7)) == "per-layer"
+        check_against_reference(model, (29,), FP32, "cpu", what="forced per-layer")
+    with pytest.raises(ValueError, match="unknown FusedMLP path"):
+        with fmlp.use_path("fast"):
+            pass
+
+
+# ---- kernels directly: the split-row weight gradients ------------------------------------------
+@pytest.mark.parametrize("split", [1, 3])
+def test_weight_gradient_row_splits(triton_backend, split):
+    """dW/db through 1 and 3 row chunks (fp32 partial sums added in a fixed order) agree with
+    the torch implementation of the same backward."""
+    from fastmlp.kernels import mlp as kmlp
+
+    gen = torch.Generator().manual_seed(3)
+    M, dims = 200, (6, 32, 20, 32, 5)
+    x = torch.randn(M, dims[0], generator=gen)
+    ws = [torch.randn(n, k, generator=gen) / k ** 0.5 for k, n in zip(dims[:-1], dims[1:])]
+    bs = [torch.randn(n, generator=gen) for n in dims[1:]]
+    g = torch.randn(M, dims[-1], generator=gen)
+    y, saved, z_out = kmlp.mlp_forward(x, ws, bs, "gelu", 0.0, "silu", 0.0, True, True, True, False)
+    got = kmlp.mlp_backward(g, x, ws, saved, z_out, "gelu", 0.0, "silu", 0.0, True, (True,) * 7,
+                            False, split=split)
+    with fastmlp.use_backend("torch"):
+        want = fmlp._backward_impl(g, x, ws, saved, z_out, "gelu", 0.0, "silu", 0.0, [True] * 7)
+    for a, b, what in zip(got, want, ("dx", "dw_in", "db_in", "dw_mid", "db_mid", "dw_out", "db_out")):
+        assert_close(a, b, FP32, what)
+
+
+# ---- module structure, state, construction ------------------------------------------------------
+def test_init_and_state_dict_match_sequential():
+    torch.manual_seed(5)
+    model = FusedMLP(10, [20, 30], 4, activation="tanh", output_activation=nn.Sigmoid())
+    torch.manual_seed(5)
+    seq = nn.Sequential(nn.Linear(10, 20), nn.Tanh(), nn.Linear(20, 30), nn.Tanh(),
+                        nn.Linear(30, 4), nn.Sigmoid())
+    ours, theirs = model.state_dict(), seq.state_dict()
+    assert list(ours) == list(theirs) == ["0.weight", "0.bias", "2.weight", "2.bias",
+                                          "4.weight", "4.bias"]
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert model.hidden_features == [20, 30] and model.in_features == 10 and model.out_features == 4
+
+
+def test_state_dict_round_trips_both_ways():
+    model = FusedMLP(6, [8, 8], 3, activation=None, bias=False)
+    seq = nn.Sequential(nn.Linear(6, 8, bias=False), nn.Identity(), nn.Linear(8, 8, bias=False),
+                        nn.Identity(), nn.Linear(8, 3, bias=False))
+    model.load_state_dict(seq.state_dict())  # strict: same keys and shapes
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), seq.parameters()))
+    fresh = FusedMLP(6, [8, 8], 3, activation=None, bias=False)
+    seq.load_state_dict(fresh.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), seq.parameters()))
+    x = torch.randn(4, 6)
+    assert torch.equal(fresh(x), seq(x))
+
+
+def test_from_sequential_shares_parameters_and_names():
+    seq = nn.Sequential(nn.Linear(4, 16), nn.GELU(approximate="tanh"), nn.Identity(),
+                        nn.Linear(16, 16), nn.GELU(approximate="tanh"), nn.Linear(16, 2))
+    model = FusedMLP.from_sequential(seq)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in seq.named_parameters()]
+    assert all(p is q for p, q in zip(model.parameters(), seq.parameters()))
+    assert model.hidden_features == [16, 16] and len(model) == len(seq)
+    assert type(model[1]) is nn.GELU
+
+
+@pytest.mark.parametrize("bad,match", [
+    (nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Linear(4, 2)), "'1'.*Dropout"),
+    (nn.Sequential(nn.ReLU(), nn.Linear(4, 2)), "'0'.*before the first Linear"),
+    (nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Tanh(), nn.Linear(4, 2)), "'2'.*second activation"),
+    (nn.Sequential(nn.Linear(4, 5), nn.Linear(4, 2)), "out_features=5.*in_features=4"),
+    (nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 2))), "'1'.*Sequential"),
+    (nn.Linear(4, 2), "expected an nn.Sequential"),
+])
+def test_from_sequential_errors_name_the_module(bad, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        FusedMLP.from_sequential(bad)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(hidden_features=16), TypeError, "list of ints"),
+    (dict(hidden_features=[]), ValueError, "at least one hidden layer"),
+    (dict(hidden_features=[16, 0]), ValueError, "positive ints"),
+    (dict(hidden_features=[16], activation="swish"), ValueError, "unknown activation 'swish'"),
+    (dict(hidden_features=[16], activation=nn.Softplus()), ValueError, "Softplus"),
+])
+def test_constructor_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        FusedMLP(4, out_features=2, **kwargs)
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_input_errors(backend_name):
+    model = FusedMLP(4, [16], 2)
+    with fastmlp.use_backend(backend_name):
+        with pytest.raises(ValueError, match="last dimension is 5.*in_features=4"):
+            model(torch.randn(3, 5))
+        with pytest.raises(TypeError, match="dtypes differ.*float64.*float32"):
+            model(torch.randn(3, 4, dtype=FP64))
+        with pytest.raises(TypeError, match="dtype torch.int64"):
+            model(torch.ones(3, 4, dtype=torch.int64))
+        with pytest.raises(ValueError, match="0-d"):
+            model(torch.tensor(1.0))
+        with pytest.raises(ValueError, match="different devices.*meta"):
+            model(torch.randn(3, 4, device="meta"))
+
+
+# ---- fuse, autocast, compile, opcheck, training ----------------------------------------------
+def test_fuse_sequentials_replaces_qualifying_sequentials_keys_unchanged(triton_backend):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                                      nn.Linear(16, 3))
+            self.single = nn.Sequential(nn.Linear(3, 3), nn.ReLU())  # one Linear: left alone
+            self.other = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.0), nn.Linear(3, 3))
+
+        def forward(self, x):
+            return self.other(self.single(self.body(x)))
+
+    net = Net()
+    ref = copy.deepcopy(net)
+    keys = list(net.state_dict())
+    out = fmlp.fuse_sequentials(net)
+    assert out is net and type(net.body) is FusedMLP
+    assert type(net.single) is nn.Sequential and type(net.other) is nn.Sequential
+    assert list(net.state_dict()) == keys
+    x = torch.randn(7, 5)
+    assert_close(net(x), ref(x), FP32, "fused net")
+    root = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2))
+    assert type(fmlp.fuse_sequentials(root)) is FusedMLP
+
+
+def test_autocast_like_nn_linear(triton_backend):
+    model = _build(12, [32, 32], 3, "gelu", "sigmoid", True, FP32, "cpu")
+    seq = _equivalent_sequential(model)
+    x = torch.randn(21, 12)
+    with torch.autocast("cpu", dtype=BF16):
+        y = model(x)
+        ref = seq(x)
+    assert y.dtype == ref.dtype == BF16
+    with torch.autocast("cpu", dtype=BF16):
+        low = _equivalent_sequential(model).to(BF16)(x.to(BF16))
+    tol = max(TOLERANCE[BF16], 4 * rel_err(low, seq.double()(x.double())))
+    assert_close(y, seq.double()(x.double()), BF16, "autocast forward", tol)
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == FP32 for p in model.parameters())
+
+
+def _check_compiled(device, backend):
+    torch._dynamo.reset()
+    model = _build(6, [32, 32, 32], 3, "silu", "tanh", True, FP32, device)
+    seq = _equivalent_sequential(model)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)  # raises on a graph break
+    x = torch.randn(2, 9, 6, device=device, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    y = compiled(x)
+    y.square().sum().backward()
+    ref = seq(xr)
+    ref.square().sum().backward()
+    assert_close(y, ref, FP32, "compiled forward")
+    assert_close(x.grad, xr.grad, FP32, "compiled dX")
+    for p, q in zip(model.parameters(), seq.parameters()):
+        assert_close(p.grad, q.grad, FP32, "compiled parameter grad")
+
+
+def test_compile_fullgraph(impl):
+    """Dynamo captures FusedMLP whole (the fused op an opaque node with its autograd formula);
+    aot_eager: the graph and AOT autograd without inductor's C++ code generation."""
+    _check_compiled(impl, "aot_eager")
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_inductor(impl):
+    _check_compiled(impl, "inductor")
+
+
+def _op_args(device, activation, out_activation, bias=True):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 5, generator=gen).to(device)
+    dims = (5, 16, 20, 16, 3)
+    ws = [(torch.randn(n, k, generator=gen) / k ** 0.5).to(device) for k, n in zip(dims[:-1], dims[1:])]
+    bs = [torch.randn(n, generator=gen).to(device) for n in dims[1:]] if bias else []
+    return x, ws, bs
+
+
+@pytest.mark.parametrize("acts", [("relu", "none"), ("gelu", "sigmoid"), ("leaky_relu", "silu")])
+def test_opcheck(impl, acts):
+    activation, out_activation = acts
+    x, ws, bs = _op_args(impl, activation, out_activation, bias=activation != "relu")
+    args = (x.requires_grad_(), [w.requires_grad_() for w in ws], [b.requires_grad_() for b in bs],
+            activation, -0.1 if activation == "leaky_relu" else 0.0, out_activation, 0.0, True)
+    torch.library.opcheck(torch.ops.fastmlp.mlp, args)
+
+
+def test_fit_trains_to_the_sequentials_weights(triton_backend):
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(48, 8, generator=gen), torch.randn(48, 3, generator=gen)
+    model = _build(8, [32, 32], 3, "relu", None, True, FP32, "cpu", seed=4)
+    seq = _equivalent_sequential(model)
+    initial = [p.detach().clone() for p in model.parameters()]
+    with fastmlp.use_backend("torch"):
+        fastmlp.fit(seq, fastmlp.TensorLoader(x, y, batch_size=16), nn.MSELoss(),
+                    torch.optim.SGD(seq.parameters(), lr=0.05, momentum=0.9), epochs=2,
+                    progress=False)
+    assert model.path(x) == "fused"
+    fastmlp.fit(model, fastmlp.TensorLoader(x, y, batch_size=16), nn.MSELoss(),
+                fastmlp.SGD(model.parameters(), lr=0.05, momentum=0.9), epochs=2, progress=False)
+    for p, q, p0 in zip(model.parameters(), seq.parameters(), initial):
+        assert rel_err(p, p0) > 1e-3, "training did not move the weights"
+        assert_close(p, q, FP32, "trained weights")
+
+
+def test_ddp_single_process(triton_backend, tmp_path):
+    """DDP wraps a FusedMLP unchanged: its reducer hooks fire on the fused backward's gradients."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = _build(5, [16, 16], 2, "tanh", None, True, FP32, "cpu")
+        seq = _equivalent_sequential(model)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        x = torch.randn(11, 5)
+        ddp(x).square().sum().backward()
+        seq(x).square().sum().backward()
+        for p, q in zip(model.parameters(), seq.parameters()):
+            assert_close(p.grad, q.grad, FP32, "DDP grad")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_dispatcher_times_both_paths_and_keeps_one():
+    model = _build(32, [64] * 4, 16, "relu", None, True, FP16, "cuda")
+    x = torch.randn(4096, 32, device="cuda", dtype=FP16, requires_grad=True)
+    fmlp._choices.clear()
+    path = model.path(x)  # times both on the first call of this bucket
+    assert path in ("fused", "per-layer") and len(fmlp._choices) == 1
+    assert model.path(x) == path
+    check_against_reference(model, (4096,), FP16, "cuda", what="dispatched")
