@@ -173,6 +173,32 @@ def test_nan_propagates_like_torch(triton_backend):
     assert torch.isnan(y[4]).all() and not torch.isnan(y[torch.arange(9) != 4]).any()
 
 
+@pytest.mark.parametrize("out_act", [None, "tanh"])
+def test_strided_input_and_expanded_grad(triton_backend, out_act):
+    """A transposed X (read through its strides, also by the first layer's dW) and the stride-0
+    gradient that y.sum().backward() sends."""
+    model = _build(12, [32, 32], 3, "relu", out_act, True, FP32, "cpu")
+    seq = _equivalent_sequential(model)
+    x = torch.randn(12, 37).t().requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    model(x).sum().backward()
+    seq(xr).sum().backward()
+    assert_close(x.grad, xr.grad, FP32, "dX")
+    for p, q in zip(model.parameters(), seq.parameters()):
+        assert_close(p.grad, q.grad, FP32, "parameter grad")
+
+
+def test_from_a_per_layer_fused_sequential(triton_backend):
+    """FusedLinear children (what fastmlp.fuse leaves in a Sequential) parse as Linear + act."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(5, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 2))
+    ref = copy.deepcopy(seq)
+    model = fmlp.fuse_sequentials(fastmlp.fuse(seq))
+    assert type(model) is FusedMLP and model.path(torch.zeros(1, 5)) == "fused"
+    x = torch.randn(9, 5)
+    assert_close(model(x), ref(x), FP32, "forward")
+
+
 def test_past_the_fused_limit_takes_the_per_layer_path(triton_backend):
     model = _build(3, [16, 256], 2, "relu", None, True, FP32, "cpu")
     assert model.path(torch.zeros(1, 3)) == "per-layer"
