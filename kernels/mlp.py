@@ -32,7 +32,7 @@ as act(Z_{l-1}) there when the pre-activation was saved (the same rounding as th
 Shapes Triton's tl.dot can take: every hidden layer is computed at one padded width H (a power of
 two >= 16, constexpr), covering HIDDEN = max hidden width columns of storage. The middle layers'
 weights come packed into one [L-1, HIDDEN, HIDDEN] buffer, zero-padded where a layer is narrower
-(the launcher copies them; a few KB), so one loop over the layers (a runtime count: one compiled
+(the launcher copies them: 8-64 KB a layer at widths 64-128, next to megabytes of activations), so one loop over the layers (a runtime count: one compiled
 kernel serves every depth) walks them with a fixed stride. Padded hidden units compute act(0)
 (finite), and the zero weight columns that follow them cancel it; their gradients are exactly 0
 (sliced away by the caller). The first layer streams X in BLOCK_K column steps, the last layer
@@ -120,7 +120,7 @@ def _derivative(g, saved, ACC_DTYPE: tl.constexpr, ACTIVATION: tl.constexpr, ALP
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["M"])  # batch sizes vary: no recompiles
 def mlp_fwd_kernel(
-    x_ptr, w_in_ptr, b_in_ptr, w_mid_ptr, b_mid_ptr, w_out_ptr, b_out_ptr,
+    x_ptr, w_in_ptr, b_in_ptr, w_mid_ptr, b_mid_ptr, w_out_ptr, b_out_ptr, widths_ptr,
     y_ptr, saved_ptr, z_out_ptr,
     M, K_IN, H_FIRST, H_LAST, N_OUT, NUM_MID, stride_saved_layer,
     stride_xm, stride_xk, stride_w_in_n, stride_w_in_k, stride_w_out_n, stride_w_out_k,
@@ -135,7 +135,11 @@ def mlp_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Y for rows [pid * BLOCK_M, ...); with SAVE, also S_l (Y_l, or Z_l if SAVE_PREACT) into
-    saved [L, M, HIDDEN] and, with SAVE_OUT_PREACT, the output layer's Z (y's strides)."""
+    saved [L, M, HIDDEN] and, with SAVE_OUT_PREACT, the output layer's Z (y's strides).
+
+    widths [L] (int32): each hidden layer's true width. Units past it are padding: their
+    pre-activation is set to 0 (not left as Σ x·0, which is NaN for an infinite x and would then
+    reach every unit of the next layer through its zero weights), so they stay finite."""
     DTYPE: tl.constexpr = y_ptr.dtype.element_ty
     m0 = tl.program_id(0).to(tl.int64) * BLOCK_M
     rm = tl.arange(0, BLOCK_M).to(OFFSET_DTYPE)
@@ -161,6 +165,7 @@ def mlp_fwd_kernel(
         w_ptrs += BLOCK_K * stride_w_in_k
     if HAS_BIAS:
         acc += tl.load(b_in_ptr + rh, mask=in_first, other=0.0).to(ACC_DTYPE)[None, :]
+    acc = tl.where(in_first[None, :], acc, 0.0)
     z, h = _activate_rounded(acc, DTYPE, ACTIVATION, ALPHA)
     if SAVE:
         tl.store(saved_ptrs, z if SAVE_PREACT else h, mask=save_mask)
@@ -169,11 +174,12 @@ def mlp_fwd_kernel(
     w_ptrs = w_mid_ptr + (rh[:, None] + rh[None, :] * HIDDEN)  # W_lᵀ tile [H (in), H (out)]
     w_mask = in_hidden[:, None] & in_hidden[None, :]
     b_ptrs = b_mid_ptr + rh
-    for _ in range(NUM_MID):
+    for layer in range(1, NUM_MID + 1):
         acc = _mma(h, tl.load(w_ptrs, mask=w_mask, other=0.0),
                    tl.zeros((BLOCK_M, H), dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
         if HAS_BIAS:
             acc += tl.load(b_ptrs, mask=in_hidden, other=0.0).to(ACC_DTYPE)[None, :]
+        acc = tl.where((rh < tl.load(widths_ptr + layer))[None, :], acc, 0.0)
         z, h = _activate_rounded(acc, DTYPE, ACTIVATION, ALPHA)
         saved_ptrs += stride_saved_layer
         if SAVE:
@@ -208,7 +214,8 @@ def mlp_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["M"])
 def mlp_bwd_kernel(
-    g_ptr, s_out_ptr, dz_out_ptr, saved_ptr, dz_ptr, w_in_ptr, w_mid_ptr, w_out_ptr, dx_ptr,
+    g_ptr, s_out_ptr, dz_out_ptr, saved_ptr, dz_ptr, w_in_ptr, w_mid_ptr, w_out_ptr, widths_ptr,
+    dx_ptr,
     M, K_IN, H_FIRST, H_LAST, N_OUT, NUM_MID, stride_saved_layer,
     stride_gm, stride_gn, stride_w_in_n, stride_w_in_k, stride_w_out_n, stride_w_out_k,
     stride_dxm, stride_dxk,
@@ -220,7 +227,9 @@ def mlp_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dZ_l of every hidden layer into dz [L, M, HIDDEN], dZ_out into dz_out (unless OUT_ACTIVATION
-    is "none": then dZ_out is G itself), dX if COMPUTE_DX. G, S_out and dz_out share strides."""
+    is "none": then dZ_out is G itself), dX if COMPUTE_DX. G, S_out and dz_out share strides.
+    As in the forward, the padding units' gradients are set to 0 (exactly what they are, also
+    when a real gradient is infinite), so dZ is 0 there for the weight gradients too."""
     DTYPE: tl.constexpr = g_ptr.dtype.element_ty
     m0 = tl.program_id(0).to(tl.int64) * BLOCK_M
     rm = tl.arange(0, BLOCK_M).to(OFFSET_DTYPE)
@@ -249,6 +258,7 @@ def mlp_bwd_kernel(
         acc = _mma(g, w_out, acc, DOT_PRECISION, UPCAST)
         g_base += BLOCK_N * stride_gn
         w_ptrs += BLOCK_N * stride_w_out_n
+    acc = tl.where(in_last[None, :], acc, 0.0)
 
     # ---- hidden layers L-1 .. 1: dZ_l = act'(dY_l, S_l), dY_{l-1} = dZ_l W_l ------------------
     tile = m0 * HIDDEN + (rm[:, None] * HIDDEN + rh[None, :])
@@ -257,7 +267,8 @@ def mlp_bwd_kernel(
     dz_ptrs = dz_ptr + top + tile
     w_ptrs = w_mid_ptr + (NUM_MID - 1) * HIDDEN * HIDDEN + (rh[:, None] * HIDDEN + rh[None, :])
     w_mask = in_hidden[:, None] & in_hidden[None, :]
-    for _ in range(NUM_MID):
+    for i in range(NUM_MID):
+        layer = NUM_MID - i
         dy = _round(acc, DTYPE)
         if ACTIVATION != "none":
             dy = _derivative(dy, tl.load(saved_ptrs, mask=hidden_mask, other=0.0), ACC_DTYPE,
@@ -265,6 +276,7 @@ def mlp_bwd_kernel(
         tl.store(dz_ptrs, dy, mask=hidden_mask)
         acc = _mma(dy, tl.load(w_ptrs, mask=w_mask, other=0.0),
                    tl.zeros((BLOCK_M, H), dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
+        acc = tl.where((rh < tl.load(widths_ptr + layer - 1))[None, :], acc, 0.0)  # the layer below
         saved_ptrs -= stride_saved_layer
         dz_ptrs -= stride_saved_layer
         w_ptrs -= HIDDEN * HIDDEN
@@ -387,28 +399,29 @@ _INTERPRETER_DW = [tuning.TileConfig(128, 128, 32, 1, 4, 1)]
 # per-layer path runs instead): 128 is the limit for every class (at 256, 16-bit backward spills
 # at every tile tried and an fp32 256 x 256 weight tile alone overflows shared memory). Each
 # entry compiles with 0 spills and no stack frame (tests/test_mlp_aot.py); the sweeps that chose
-# them, with register counts, are in bench/NOTES.md ("FusedMLP"). What they showed: TF32 at 128
-# needs at most 64 rows per tile and 8 warps, exact fp32 (FMA, operands in registers) at 128 a
-# 16-row tile and 2 stages. Register allocation near the limit is chaotic (one more temporary
-# in an activation's derivative, or Triton 3.6 -> 3.9, moved clean configs to spills): every
-# entry compiles cleanly with both Triton versions CI runs, with a margin where one was found.
+# them, with register counts, are in bench/NOTES.md ("FusedMLP"). Register allocation near the
+# 255-register limit is chaotic (one more temporary in an activation's derivative, a mask, or
+# Triton 3.6 -> 3.9 moved clean configs to spills), so every entry was picked from a pool
+# compiled under both Triton versions CI runs, clean in both and, where the pool allowed,
+# below ~240 registers. What the pool showed: at 128, 16-bit tiles take at most 64 rows with 8
+# warps, TF32 and exact fp32 (FMA, operands in registers) 16-32 rows with 2 stages on sm_90.
 _C = FusedConfig
 FUSED_CONFIGS: Dict[Tuple[str, int], Dict[int, List[FusedConfig]]] = {
-    ("half", 90): {16: [_C(128, 32, 32, 8, 1)], 32: [_C(128, 32, 32, 4, 1)],
-                   64: [_C(128, 32, 32, 8, 1), _C(64, 32, 32, 4, 1)],
-                   128: [_C(128, 32, 32, 8, 1), _C(64, 32, 32, 8, 1)]},
-    ("half", 80): {16: [_C(128, 32, 32, 8, 1)], 32: [_C(128, 32, 32, 4, 1)],
-                   64: [_C(128, 32, 32, 8, 1), _C(64, 32, 32, 4, 1)],
-                   128: [_C(64, 32, 32, 8, 1), _C(64, 32, 32, 8, 2)]},
-    ("tf32", 90): {16: [_C(128, 32, 32, 8, 1)], 32: [_C(128, 32, 32, 8, 1)],
+    ("half", 90): {16: [_C(128, 32, 32, 8, 1)], 32: [_C(128, 32, 32, 8, 1)],
                    64: [_C(128, 32, 32, 8, 1), _C(64, 32, 32, 8, 1)],
-                   128: [_C(64, 32, 32, 8, 1), _C(32, 32, 32, 8, 1)]},
+                   128: [_C(64, 32, 32, 8, 1)]},
+    ("half", 80): {16: [_C(128, 32, 32, 8, 1)], 32: [_C(128, 32, 32, 8, 1)],
+                   64: [_C(128, 32, 32, 8, 1), _C(64, 32, 32, 8, 1)],
+                   128: [_C(64, 32, 32, 8, 1)]},
+    ("tf32", 90): {16: [_C(128, 32, 32, 8, 1)], 32: [_C(128, 32, 32, 8, 1)],
+                   64: [_C(64, 32, 32, 8, 1), _C(32, 32, 32, 8, 2)],
+                   128: [_C(32, 32, 32, 8, 2), _C(16, 32, 32, 8, 2)]},
     ("tf32", 80): {16: [_C(128, 32, 32, 8, 1)], 32: [_C(128, 32, 32, 8, 1)],
-                   64: [_C(64, 32, 32, 8, 1), _C(64, 32, 32, 8, 2)],
+                   64: [_C(64, 32, 32, 8, 2), _C(64, 32, 32, 8, 1)],
                    128: [_C(64, 32, 32, 8, 2), _C(32, 32, 32, 8, 2)]},
     ("ieee", 90): {16: [_C(64, 32, 32, 8, 1)], 32: [_C(64, 32, 32, 8, 1)],
                    64: [_C(32, 32, 32, 8, 1), _C(32, 32, 32, 8, 2)],
-                   128: [_C(16, 32, 32, 8, 2), _C(16, 32, 32, 4, 2)]},
+                   128: [_C(32, 32, 32, 8, 2), _C(16, 32, 32, 4, 2)]},
     ("ieee", 80): {16: [_C(64, 32, 32, 8, 1)], 32: [_C(64, 32, 32, 8, 1)],
                    64: [_C(32, 32, 32, 8, 1), _C(32, 32, 32, 8, 2)],
                    128: [_C(16, 32, 32, 8, 2)]},
@@ -424,9 +437,9 @@ SELECT_ACTIVATIONS = ("relu", "leaky_relu", "none")
 MATH_CONFIGS: Dict[Tuple[str, int], Dict[int, List[FusedConfig]]] = {
     ("half", 90): {16: [_C(64, 32, 32, 4, 1)], 32: [_C(64, 32, 32, 4, 1)],
                    64: [_C(64, 32, 32, 8, 1), _C(32, 32, 32, 4, 1)],
-                   128: [_C(32, 32, 32, 8, 1), _C(16, 32, 32, 8, 1)]},
+                   128: [_C(64, 32, 32, 8, 1), _C(16, 32, 32, 8, 1)]},
     ("half", 80): {16: [_C(64, 32, 32, 4, 1)], 32: [_C(64, 32, 32, 4, 1)],
-                   64: [_C(64, 32, 32, 8, 1), _C(32, 32, 32, 4, 1)],
+                   64: [_C(64, 32, 32, 8, 1), _C(32, 32, 32, 8, 1)],
                    128: [_C(32, 32, 32, 8, 1), _C(16, 32, 32, 8, 1)]},
 }
 
@@ -528,6 +541,13 @@ def pack_middle(weights: List[torch.Tensor], biases: Optional[List[torch.Tensor]
     return w_mid, b_mid
 
 
+@functools.lru_cache(maxsize=64)
+def _widths(widths: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The hidden widths as an int32 tensor on `device`, made once per model shape (a copy to the
+    GPU per call would cost a launch, and cannot happen inside a CUDA-graph capture)."""
+    return torch.tensor(widths, dtype=torch.int32, device=device)
+
+
 def _key(name, x, precision, *dims):
     return (name, x.device, _capability(x.device), x.dtype, precision) + tuple(dims)
 
@@ -566,7 +586,8 @@ def mlp_forward(x: torch.Tensor, weights: List[torch.Tensor], biases: Optional[L
 
     def launch(cfg: FusedConfig):
         mlp_fwd_kernel[(cdiv(M, cfg.block_m),)](
-            x, w_in, b_in, w_mid, b_mid, w_out, b_out, y, saved if save else y,
+            x, w_in, b_in, w_mid, b_mid, w_out, b_out, _widths(tuple(widths), device), y,
+            saved if save else y,
             z_out if save_out_preact else y,
             M, K_IN, widths[0], widths[-1], N_OUT, num_mid, M * hidden,
             x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1),
@@ -676,7 +697,7 @@ def mlp_backward(grad: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor
         def launch(cfg: FusedConfig):
             mlp_bwd_kernel[(cdiv(M, cfg.block_m),)](
                 grad, s_out if has_out_act else grad, dz_out, saved, dz, w_in, w_mid, w_out,
-                dx if needs_dx else grad,
+                _widths(tuple(widths), device), dx if needs_dx else grad,
                 M, K_IN, widths[0], widths[-1], N_OUT, num_mid, M * hidden,
                 grad.stride(0), grad.stride(1), w_in.stride(0), w_in.stride(1),
                 w_out.stride(0), w_out.stride(1),

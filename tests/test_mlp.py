@@ -199,6 +199,35 @@ def test_from_a_per_layer_fused_sequential(triton_backend):
     assert_close(model(x), ref(x), FP32, "forward")
 
 
+def test_infinities_like_torch(triton_backend):
+    """An infinite input and an infinite output gradient give torch's ±inf / NaN pattern, with
+    padded widths (100 -> 128; 64 packed as 100): the padding units must stay finite (a 0 weight
+    times inf is NaN, which would reach every real unit). Positive weights and sigmoid keep
+    torch's results infinite rather than NaN, so a NaN from the padding would show."""
+    model = _build(5, [100, 64, 100], 3, "sigmoid", None, True, FP32, "cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.abs_()
+    seq = _equivalent_sequential(model)
+    x = torch.rand(6, 5)
+    x[2, 1] = float("inf")
+    x.requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    y, ref = model(x), seq(xr)
+    g = torch.rand(6, 3)
+    g[4, 0] = float("inf")
+    y.backward(g)
+    ref.backward(g)
+    pairs = [("y", y, ref), ("dX", x.grad, xr.grad)] + [
+        (name, p.grad, q.grad) for (name, p), q in zip(model.named_parameters(), seq.parameters())]
+    for what, got, want in pairs:
+        for check in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(check(got), check(want)), f"{what}: {check.__name__} differs"
+        finite = torch.isfinite(want)
+        assert_close(got[finite], want[finite], FP32, f"{what} (finite part)")
+    assert torch.isposinf(xr.grad[4]).all() and torch.isposinf(ref[2]).sum() == 0
+
+
 def test_past_the_fused_limit_takes_the_per_layer_path(triton_backend):
     model = _build(3, [16, 256], 2, "relu", None, True, FP32, "cpu")
     assert model.path(torch.zeros(1, 3)) == "per-layer"
