@@ -19,7 +19,7 @@ from fastmlp import functional  # noqa: E402
 from fastmlp.backend import get_backend, set_backend, use_backend  # noqa: E402
 from fastmlp.data import TensorLoader  # noqa: E402
 from fastmlp.nn import FusedLinear, FusedLinearReLU  # noqa: E402
-from fastmlp.fuse import fuse  # noqa: E402
+from fastmlp.fusion import fuse  # noqa: E402
 from fastmlp.mlp import FusedMLP  # noqa: E402
 from fastmlp.ops import ACTIVATIONS, FusedLinearFunction  # noqa: E402
 from fastmlp.optim import SGD  # noqa: E402

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmlp
-from fastmlp.fuse import FuseEntry, FuseReport
+from fastmlp.fusion import FuseEntry, FuseReport
 from reference import assert_close
 
 D, H = 12, 20
@@ -582,3 +582,55 @@ def test_compile_fullgraph_fused_custom_blocks():
     fused = fastmlp.fuse(model)
     compiled = torch.compile(fused, fullgraph=True)  # raises on any graph break
     _assert_same_function(reference, fused, _x(4, D), call=compiled)
+
+
+# ------------------------------------------------------------------------------------------------
+# mlp=True: whole Sequential stacks become FusedMLP
+# ------------------------------------------------------------------------------------------------
+class _Encoder(nn.Module):
+    """A model with a Sequential MLP inside and a functional GELU head."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                                 nn.Linear(16, 6))
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        return F.gelu(self.head(self.mlp(x)))
+
+
+def test_mlp_option_turns_sequential_stacks_into_fused_mlp():
+    torch.manual_seed(0)
+    model = _Encoder()
+    reference = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    params = list(model.parameters())
+    fused, report = fastmlp.fuse(model, mlp=True, return_report=True)
+    assert isinstance(fused.mlp, fastmlp.FusedMLP)
+    assert list(fused.state_dict()) == keys
+    assert all(p is q for p, q in zip(fused.parameters(), params))   # shared, never copied
+    outcomes = _outcomes(report)
+    assert outcomes["mlp.0"] == outcomes["mlp.2"] == outcomes["mlp.4"] == "already fused"
+    assert outcomes["head"] == "fused"            # the pair pass still runs after the MLP pass
+    _assert_same_function(reference, fused, _x(7, 8))
+
+
+def test_mlp_option_on_a_root_sequential_returns_the_fused_mlp():
+    seq = nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 3))
+    reference = copy.deepcopy(seq)
+    fused = fastmlp.fuse(seq, mlp=True)
+    assert isinstance(fused, fastmlp.FusedMLP)
+    assert list(fused.state_dict()) == list(reference.state_dict())
+    _assert_same_function(reference, fused, _x(5, 4))
+
+
+def test_a_fused_mlp_is_left_as_it_is_and_reported_fused():
+    """Without mlp=True a FusedMLP already in the model is never traced or rewritten."""
+    model = nn.Sequential(fastmlp.FusedMLP(6, [8, 8], 2), nn.Linear(2, 2), nn.Tanh())
+    inner = model[0]
+    fused, report = fastmlp.fuse(model, return_report=True)
+    assert fused[0] is inner and type(inner.get_submodule("0")) is nn.Linear
+    outcomes = _outcomes(report)
+    assert [outcomes[f"0.{i}"] for i in (0, 2, 4)] == ["already fused"] * 3
+    assert outcomes["1"] == "fused"

@@ -35,9 +35,9 @@ defaults (the trace could not stand for every call), and a pair that needs a for
 that module cannot be rewritten faithfully (hooks, optional arguments, custom state_dict
 methods, mode-dependent forward, shared).
 
-The work is three passes over the model (analyse, decide, apply); a pass that fuses longer
-chains (``mlp=True``: Linear-act-...-Linear into a FusedMLP) would read the same per-block
-analysis (the Sequential slots or the traced graph) and add its own decisions before ``apply``.
+The work is three passes over the model (analyse, decide, apply). ``mlp=True`` first turns
+whole Sequential stacks into ``fastmlp.FusedMLP`` (fastmlp.mlp.fuse_sequentials); a FusedMLP is
+fused already and is never traced (its Linears are reported "already fused").
 """
 
 import copy
@@ -278,8 +278,12 @@ class _Fuser:
 
     # ---------------------------------------------------------------- pass 1: analyse
     def analyse(self):
+        from fastmlp.mlp import FusedMLP   # fastmlp.mlp imports this module's neighbours
+
         for name, m in self.order:
-            if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
+            if isinstance(m, FusedMLP):
+                block = _Block(m, name, "fused-mlp")   # fused already: its forward is one kernel
+            elif isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
                 block = _Block(m, name, "sequential")
                 for child in m._modules.values():
                     if child is not None:
@@ -355,6 +359,8 @@ class _Fuser:
             return FuseEntry(name, None, f"a subclass of nn.Linear ({type(lin).__name__}): it may "
                                          f"compute something else")
         caller = self._caller_block(lin)
+        if caller is not None and caller.kind == "fused-mlp":
+            return FuseEntry(name, None, "already fused")   # a layer of a FusedMLP
         if caller is None:
             why = "not called from any forward fuse could trace"
         elif caller.kind == "untraceable":
@@ -676,7 +682,8 @@ def _unpickle_fused(fn, args, class_name):
 # --------------------------------------------------------------------------------------------
 # The entry point
 # --------------------------------------------------------------------------------------------
-def fuse(model: nn.Module, *, verbose: bool = False, return_report: bool = False):
+def fuse(model: nn.Module, *, mlp: bool = False, verbose: bool = False,
+         return_report: bool = False):
     """Fuse every Linear followed by a supported activation in `model`; return the fused model.
 
     Finds the pairs in nn.Sequentials and, by tracing with torch.fx, in custom forwards (activation
@@ -686,11 +693,19 @@ def fuse(model: nn.Module, *, verbose: bool = False, return_report: bool = False
     module whose forward had to be rewritten is replaced by a torch.fx.GraphModule (also the model
     itself): always use the return value. The model passed in stays correct either way.
 
+    mlp: first replace every nn.Sequential of Linear / supported activation / Identity modules
+        with two or more Linears by a ``fastmlp.FusedMLP`` over the same modules (the whole stack
+        in one autograd node; parameters shared, state_dict keys unchanged; see
+        ``fastmlp.mlp.fuse_sequentials``), then fuse what is left pair by pair. Opt-in.
     verbose: print the report (every Linear, what it was fused with, or why it was left).
     return_report: return ``(fused_model, FuseReport)`` instead of the model alone.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastmlp.fuse: expected an nn.Module, got {type(model).__name__}")
+    if mlp:
+        from fastmlp.mlp import fuse_sequentials
+
+        model = fuse_sequentials(model)
     fuser = _Fuser(model)
     fuser.analyse()
     fuser.decide()
