@@ -246,21 +246,24 @@ def linear_act_grad_weight_kernel(
 
 
 @triton.jit
-def reduce_partials_kernel(part_ptr, dw_ptr, db_ptr, chunks, length, dw_numel,
-                           stride_split, BLOCK: tl.constexpr):
+def reduce_partials_kernel(part_ptr, dw_ptr, db_ptr, chunks, row_length, dw_numel, db_numel,
+                           BLOCK: tl.constexpr):
     """out[i] = Σ_c part[c, i] in a fixed order (c = 0, 1, ...), rounded once to the output dtype.
 
-    The split dW kernel writes each chunk's fp32 partials as one row [dW (N*K) | db (N)]: one
-    launch sums and casts both, elements [0, dw_numel) into dW and the rest into db.
+    The split dW kernel writes each chunk's fp32 partials as one row [dW (N*K) | db (N) | pad]:
+    one launch sums and casts both, elements [0, dw_numel) into dW and the next db_numel into db.
+    Rows are padded to a multiple of 16 elements, so that every load is 16-byte aligned; the
+    padding is summed like the rest and never stored.
     """
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_range = offsets < length
+    in_row = offsets < row_length
+    ptrs = part_ptr + offsets
     acc = tl.zeros((BLOCK,), dtype=part_ptr.dtype.element_ty)
-    for c in range(0, chunks):
-        acc += tl.load(part_ptr + c * stride_split + offsets, mask=in_range, other=0.0)
-    in_dw = offsets < dw_numel
-    tl.store(dw_ptr + offsets, acc.to(dw_ptr.dtype.element_ty), mask=in_range & in_dw)
-    tl.store(db_ptr + (offsets - dw_numel), acc.to(db_ptr.dtype.element_ty), mask=in_range & ~in_dw)
+    for _ in range(0, chunks):
+        acc += tl.load(ptrs, mask=in_row, other=0.0)
+        ptrs += row_length
+    out_ptrs = tl.where(offsets < dw_numel, dw_ptr + offsets, db_ptr + (offsets - dw_numel))
+    tl.store(out_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=offsets < dw_numel + db_numel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,11 +459,12 @@ def linear_act_grad_weight(grad: torch.Tensor, saved: torch.Tensor, x: torch.Ten
             dw = new_output((N, K) if kernel_dw else (1, 1), dtype=dtype, device=device)
             db = new_output((N,) if compute_bias else (1,), dtype=dtype, device=device)
             dw_part, db_part = dw[None], db[None]
-        else:  # unrounded partials, one row [dW | db] per chunk, summed by reduce_partials_kernel
-            part = new_output((chunks, dw_numel + (N if compute_bias else 0)),
-                              dtype=acc_torch_dtype(acc), device=device)
+        else:  # unrounded partials, one row [dW | db | pad] per chunk, for reduce_partials_kernel
+            db_numel = N if compute_bias else 0
+            row_length = cdiv(dw_numel + db_numel, 16) * 16
+            part = new_output((chunks, row_length), dtype=acc_torch_dtype(acc), device=device)
             dw_part = part[:, :dw_numel].view(chunks, N, K) if kernel_dw else part[:, None]  # unused
-            db_part = part[:, dw_numel:]
+            db_part = part[:, dw_numel:dw_numel + db_numel]
         linear_act_grad_weight_kernel[(tiles, chunks)](
             grad, saved, x, dw_part, db_part, M, N, K, rows_per_split,
             grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),
@@ -472,9 +476,8 @@ def linear_act_grad_weight(grad: torch.Tensor, saved: torch.Tensor, x: torch.Ten
         if chunks > 1:
             dw = new_output((N, K) if kernel_dw else (1,), dtype=dtype, device=device)
             db = new_output((N,) if compute_bias else (1,), dtype=dtype, device=device)
-            length = part.shape[1]
-            reduce_partials_kernel[(cdiv(length, _REDUCE_BLOCK),)](
-                part, dw, db, chunks, length, dw_numel, part.stride(0), BLOCK=_REDUCE_BLOCK)
+            reduce_partials_kernel[(cdiv(row_length, _REDUCE_BLOCK),)](
+                part, dw, db, chunks, row_length, dw_numel, db_numel, BLOCK=_REDUCE_BLOCK)
         if compute_weight and not kernel_dw:
             dw = torch.zeros((N, K), dtype=dtype, device=device)  # K = 0: empty
         return (dw if compute_weight else None), (db if compute_bias else None)
