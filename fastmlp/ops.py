@@ -356,12 +356,13 @@ class FusedLinearFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None
 
 
-def _autocast_inputs(x, weight, bias):
-    """Cast like nn.Linear under autocast: fp16/bf16/fp32 tensors go to the autocast dtype."""
-    device_type = x.device.type
+def autocast_caster(device_type: str):
+    """The cast nn.Linear applies under autocast on `device_type` (fp16/bf16/fp32 tensors to the
+    autocast dtype; float64, non-float tensors and None unchanged), or None when autocast is off.
+    Shared with FusedMLP."""
     # (meta tensors, used for shape inference, have no autocast state to ask about)
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
-        return x, weight, bias
+        return None
     dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t):
@@ -369,7 +370,13 @@ def _autocast_inputs(x, weight, bias):
             return t
         return t.to(dtype)
 
-    return cast(x), cast(weight), cast(bias)
+    return cast
+
+
+def _autocast_inputs(x, weight, bias):
+    """Cast like nn.Linear under autocast: fp16/bf16/fp32 tensors go to the autocast dtype."""
+    cast = autocast_caster(x.device.type)
+    return (x, weight, bias) if cast is None else (cast(x), cast(weight), cast(bias))
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
