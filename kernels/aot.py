@@ -193,6 +193,9 @@ def shipped_cases(activation_names=ACTIVATIONS, kernels=tuple(_KERNELS), configs
             for dtype in (d for d in plan_dtypes if d in dtypes):
                 for activation in activation_names:
                     for kernel in kernels:
+                        if arch < 90 and kernel in ("grad_input", "grad_weight") and \
+                                activation in tuning.TORCH_BACKWARD_BEFORE_SM90:
+                            continue   # not shipped: TORCH_GEMM runs these (kernels/tuning.py)
                         yield kernel, arch, dtype, precision, config, activation
 
 

@@ -289,16 +289,19 @@ def _capability(device: torch.device):
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
 
 
-def _configs_and_key(name, tensor, precision, dims, flags, torch_impl):
+def _configs_and_key(name, tensor, precision, dims, activation, flags, torch_impl):
     """The candidates for one launch (TORCH_GEMM only when the caller gave a torch_impl) and the
     autotuner's cache key."""
     capability = _capability(tensor.device)
     bucket = tuning.bucket
     key = (name, tensor.device, capability, tensor.dtype, precision, flags, torch_impl is not None,
            bucket(dims[0]), bucket(dims[1]), bucket(dims[2]))
-    configs = tuning.candidate_configs(tensor.dtype, precision, capability)
+    configs = tuning.candidate_configs(tensor.dtype, precision, capability, name, activation)
     if torch_impl is None:
-        configs = [c for c in configs if c is not tuning.TORCH_GEMM]
+        # No torch alternative given: the Triton configs, even where TORCH_GEMM alone is shipped.
+        configs = [c for c in configs if c is not tuning.TORCH_GEMM] or [
+            c for c in tuning.candidate_configs(tensor.dtype, precision, capability)
+            if c is not tuning.TORCH_GEMM]
     return configs, key
 
 
@@ -357,7 +360,7 @@ def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias, activation: 
     if M == 0 or N == 0:
         y = new_output((M, N), dtype=dtype, device=device)
         return y, (new_output((M, N), dtype=dtype, device=device) if save_preact else None)
-    configs, key = _configs_and_key("fwd", x, precision, (M, N, K),
+    configs, key = _configs_and_key("fwd", x, precision, (M, N, K), activation,
                                     (bias is not None, activation, alpha, save_preact), torch_impl)
     return launch(tuning.pick_config(key, configs, device, launch))
 
@@ -401,7 +404,8 @@ def linear_act_grad_input(grad: torch.Tensor, saved: torch.Tensor, weight: torch
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return dx
 
-    configs, key = _configs_and_key("dx", grad, precision, (M, N, K), (activation, alpha), torch_impl)
+    configs, key = _configs_and_key("dx", grad, precision, (M, N, K), activation,
+                                    (activation, alpha), torch_impl)
     return launch(tuning.pick_config(key, configs, device, launch))
 
 
@@ -486,7 +490,7 @@ def linear_act_grad_weight(grad: torch.Tensor, saved: torch.Tensor, x: torch.Ten
         dw = torch.zeros((N, K), dtype=dtype, device=device)
         db = torch.zeros((N,), dtype=dtype, device=device)
     else:
-        configs, key = _configs_and_key("dw", grad, precision, (M, N, K),
+        configs, key = _configs_and_key("dw", grad, precision, (M, N, K), activation,
                                         (activation, alpha, compute_weight, compute_bias), torch_impl)
         cfg = tuning.pick_config(key, configs, device, lambda c: run(c, split))
         dw, db = run(cfg, split)

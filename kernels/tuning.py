@@ -93,11 +93,21 @@ _IEEE_FP32 = [
 ]
 
 
-def candidate_configs(dtype: torch.dtype, dot_precision: str, capability: Tuple[int, int]) -> List:
-    """The configs worth trying for one dtype class on one GPU generation (default first),
-    then TORCH_GEMM on GPUs."""
+# Activations whose derivative (transcendental in the pre-activation) makes the dX and dW kernels
+# need more than sm_80's 255 registers per thread on nearly every tile (kernels/aot.py; bench/NOTES.md,
+# 2026-12-01): on GPUs before Hopper their backward GEMMs take TORCH_GEMM (torch's own backward
+# op, then cuBLAS) instead of a spilling kernel. Their forward stays fused; Hopper fuses both.
+TORCH_BACKWARD_BEFORE_SM90 = ("gelu", "gelu_tanh", "silu")
+
+
+def candidate_configs(dtype: torch.dtype, dot_precision: str, capability: Tuple[int, int],
+                      kernel: str = "fwd", activation: str = "relu") -> List:
+    """The configs worth trying for one kernel ("fwd", "dx", "dw"), dtype class and activation on
+    one GPU generation (default first), then TORCH_GEMM on GPUs."""
     if interpreter_enabled() or capability == (0, 0):
         return _INTERPRETER
+    if kernel in ("dx", "dw") and activation in TORCH_BACKWARD_BEFORE_SM90 and capability[0] < 9:
+        return [TORCH_GEMM]
     if dtype in (torch.float16, torch.bfloat16):
         triton_configs = _TENSOR_CORE_SM90 if capability[0] == 9 else _TENSOR_CORE_SM80
     else:
