@@ -146,6 +146,11 @@ def _check_inputs(x, weights, biases) -> None:
     if x.shape[-1] != in_features:
         raise ValueError(f"fastmlp FusedMLP: input's last dimension is {x.shape[-1]} (input shape "
                          f"{tuple(x.shape)}) but the first Linear expects in_features={in_features}")
+
+
+def _check_same(x, weights, biases) -> None:
+    """Every tensor in x's dtype and on x's device (checked after autocast's casts, as
+    nn.Linear's own check runs on what autocast gives it)."""
     for i, (w, b) in enumerate(zip(weights, biases)):
         for what, t in (("weight", w), ("bias", b)):
             if t is None:
@@ -185,8 +190,19 @@ def _saves(name: str, alpha: float) -> str:
     return activations.get(name).saves(alpha)
 
 
+def _storage_width(widths: Sequence[int]) -> int:
+    """The width of saved's and dW_mid's rows: the widest hidden layer padded to the tile width
+    the fused kernels compute at (fastmlp.kernels.mlp.padded_width: the next power of two, at
+    least 16), so one compiled kernel serves every width that pads to it. Both implementations
+    use it: the op's outputs have one shape whichever backend runs them."""
+    hidden = max(widths)
+    return max(16, 1 << (hidden - 1).bit_length())
+
+
 def _forward_impl(x, weights, biases, activation, alpha, out_activation, out_alpha, save):
-    """(Y, saved [L, M, hidden] or (0,), Z_out or (0,)) for 2-D x; biases a list or None.
+    """(Y, saved [L, M, H] or (0,), Z_out or (0,)) for 2-D x; biases a list or None;
+    H = _storage_width(hidden widths); units past a layer's width hold finite filler (act(0)
+    from the kernels, 0 here), which every backward multiplies by a zero gradient.
 
     saved holds each hidden layer's output Y_l, or its pre-activation Z_l when the activation's
     derivative needs it; Z_out is saved only when the output activation needs it.
@@ -198,7 +214,7 @@ def _forward_impl(x, weights, biases, activation, alpha, out_activation, out_alp
                                       out_alpha, save, save_preact, save_out_preact, _allow_tf32())
     row, out_row = activations.get(activation), activations.get(out_activation)
     widths = [w.shape[0] for w in weights[:-1]]
-    saved = x.new_zeros((len(widths), x.shape[0], max(widths)) if save else (0,))
+    saved = x.new_zeros((len(widths), x.shape[0], _storage_width(widths)) if save else (0,))
     h = x
     for i, w in enumerate(weights[:-1]):
         z = F.linear(h, w, biases[i] if biases else None)
@@ -212,8 +228,8 @@ def _forward_impl(x, weights, biases, activation, alpha, out_activation, out_alp
 
 def _backward_impl(grad, x, weights, saved, s_out, activation, alpha, out_activation, out_alpha,
                    needs):
-    """(dX, dW_in, db_in, dW_mid [L-1, hidden, hidden], db_mid [L-1, hidden], dW_out, db_out),
-    None where `needs` (seven flags, in that order) says no."""
+    """(dX, dW_in, db_in, dW_mid [L-1, H, H], db_mid [L-1, H], dW_out, db_out), None where
+    `needs` (seven flags, in that order) says no; H = _storage_width(hidden widths)."""
     saved_is_preact = _saves(activation, alpha) == "preact"
     if backend.uses_triton(grad.device, grad.dtype):
         return _kernels().mlp_backward(grad, x, weights, saved, s_out, activation, alpha,
@@ -221,7 +237,7 @@ def _backward_impl(grad, x, weights, saved, s_out, activation, alpha, out_activa
                                        _allow_tf32())
     row, out_row = activations.get(activation), activations.get(out_activation)
     widths = [w.shape[0] for w in weights[:-1]]
-    L, hidden = len(widths), max(widths)
+    L, hidden = len(widths), _storage_width(widths)
     stored = [saved[i, :, :n] for i, n in enumerate(widths)]
     inputs = [x] + [row.torch_forward(s, alpha) if saved_is_preact else s for s in stored]
     dz = out_row.torch_backward(grad, s_out, out_alpha) if out_activation != "none" else grad
@@ -267,7 +283,7 @@ def _(x, weights, biases, activation, alpha, out_activation, out_alpha, save):
     M = x.shape[0]
     save_out_preact = save and _saves(out_activation, out_alpha) == "preact"
     return (x.new_empty((M, weights[-1].shape[0])),
-            x.new_empty((len(widths), M, max(widths)) if save else (0,)),
+            x.new_empty((len(widths), M, _storage_width(widths)) if save else (0,)),
             x.new_empty((M, weights[-1].shape[0]) if save_out_preact else (0,)))
 
 
@@ -286,7 +302,7 @@ def mlp_backward_op(grad: torch.Tensor, x: torch.Tensor, weights: List[torch.Ten
 @mlp_backward_op.register_fake
 def _(grad, x, weights, saved, s_out, activation, alpha, out_activation, out_alpha, needs):
     widths = [w.shape[0] for w in weights[:-1]]
-    L, hidden, M = len(widths), max(widths), grad.shape[0]
+    L, hidden, M = len(widths), _storage_width(widths), grad.shape[0]
     shapes = [(M, x.shape[1]), tuple(weights[0].shape), (widths[0],), (L - 1, hidden, hidden),
               (L - 1, hidden), tuple(weights[-1].shape), (weights[-1].shape[0],)]
     return tuple(grad.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
@@ -429,14 +445,26 @@ def _fusable(x, weights, biases, acts) -> bool:
 
 
 def _time_candidates(x2, weights, biases, acts, spec) -> str:
-    """Time both Triton paths on these inputs (backward too when gradients are needed) and
-    return the faster; nothing a caller holds is touched (inputs are detached copies)."""
+    """Time both Triton paths on these inputs and return the faster; nothing a caller holds is
+    touched (inputs are detached copies).
+
+    What is timed is what the call being dispatched runs: forward and backward when grad mode
+    is on and something needs a gradient (the grads part of _bucket_key), the forward alone
+    otherwise (no_grad, inference_mode: parameters still have requires_grad set there, and an
+    inference-mode tensor cannot enter a backward at all). Both paths run under the inputs'
+    device: do_bench's events and synchronisation work on the current device, while the
+    launchers switch to the tensors' device, so timing from another device would measure nothing.
+    """
     import triton.testing
 
-    with torch.enable_grad():
-        xs = x2.detach().requires_grad_(x2.requires_grad)
-        ws = [w.detach().requires_grad_(w.requires_grad) for w in weights]
-        bs = [b.detach().requires_grad_(b.requires_grad) for b in biases if b is not None]
+    from fastmlp.kernels.launch import device_guard
+
+    training = torch.is_grad_enabled()
+    with torch.enable_grad() if training else torch.no_grad():
+        xs = x2.detach().requires_grad_(training and x2.requires_grad)
+        ws = [w.detach().requires_grad_(training and w.requires_grad) for w in weights]
+        bs = [b.detach().requires_grad_(training and b.requires_grad)
+              for b in biases if b is not None]
         leaves = [t for t in [xs] + ws + bs if t.requires_grad]
         grad = torch.randn(x2.shape[0], weights[-1].shape[0], device=x2.device, dtype=x2.dtype)
 
@@ -449,8 +477,9 @@ def _time_candidates(x2, weights, biases, acts, spec) -> str:
                     torch.autograd.grad(y, leaves, grad)
         return run
 
-    times = {path: triton.testing.do_bench(call(path), warmup=5, rep=20)
-             for path in ("fused", "per-layer")}
+    with device_guard(x2.device):
+        times = {path: triton.testing.do_bench(call(path), warmup=5, rep=20)
+                 for path in ("fused", "per-layer")}
     return min(times, key=times.get)
 
 
@@ -463,8 +492,10 @@ def _choose(x2, weights, biases, acts) -> str:
         return _forced_path
     from fastmlp.kernels import tuning
 
-    if torch.compiler.is_compiling():
-        return "fused"  # a static choice while tracing: no timing, no TF32 switch to read
+    if torch.compiler.is_compiling() or type(x2) is not torch.Tensor:
+        # a static choice while tracing (no timing, no TF32 switch to read), and for tensor
+        # subclasses (FakeTensor, ...: the op path of _run_fused; there is nothing to time)
+        return "fused"
     if x2.device.type != "cuda" or not tuning.autotune_enabled():
         return _choices.get(_bucket_key(x2, weights, biases, acts), "fused")
     key = _bucket_key(x2, weights, biases, acts)
@@ -600,6 +631,7 @@ class FusedMLP(nn.Module):
         biases = [lin.bias for lin in linears]
         _check_inputs(input, weights, biases)
         x, weights, biases = _autocast(input, weights, biases)
+        _check_same(x, weights, biases)
         return x, weights, biases, acts
 
     def path(self, input: torch.Tensor) -> str:

@@ -30,14 +30,19 @@ outputs are a handful of H x H tiles. Y_{l-1} is read back from the saved tensor
 as act(Z_{l-1}) there when the pre-activation was saved (the same rounding as the forward).
 
 Shapes Triton's tl.dot can take: every hidden layer is computed at one padded width H (a power of
-two >= 16, constexpr), covering HIDDEN = max hidden width columns of storage. The middle layers'
-weights come packed into one [L-1, HIDDEN, HIDDEN] buffer, zero-padded where a layer is narrower
-(the launcher copies them: 8-64 KB a layer at widths 64-128, next to megabytes of activations), so one loop over the layers (a runtime count: one compiled
-kernel serves every depth) walks them with a fixed stride. Padded hidden units compute act(0)
-(finite), and the zero weight columns that follow them cancel it; their gradients are exactly 0
-(sliced away by the caller). The first layer streams X in BLOCK_K column steps, the last layer
-produces BLOCK_N output columns at a time, so K_IN and N_OUT are arbitrary (the seed: 1000 in,
-10 out).
+two >= 16, constexpr, for the widest hidden layer), and stored at it too: saved and dZ are
+[L, M, H] and the middle layers' weights come packed into one [L-1, H, H] buffer, zero-padded
+where a layer is narrower (the launcher copies them: 8-64 KB a layer at widths 64-128, next to
+megabytes of activations), so one loop over the layers (a runtime count: one compiled kernel
+serves every depth) walks them with a fixed stride. The true widths are runtime values only
+(H_FIRST, H_LAST, the widths table): one compiled kernel per H serves every width that pads to
+it, the kernel the ahead-of-time checks compile (kernels/mlp_aot.py). Storing at the true width
+instead made a second kernel per width, with masked, unaligned rows: at an odd width most 16-bit
+and fp32 backward tiles spilled (up to 5 KB), at 100 the sm_90 16-bit GELU-tanh default did.
+Padded hidden units compute act(0) (finite), and the zero weight columns that follow them cancel
+it; their gradients are exactly 0 (sliced away by the caller). The first layer streams X in
+BLOCK_K column steps, the last layer produces BLOCK_N output columns at a time, so K_IN and
+N_OUT are arbitrary (the seed: 1000 in, 10 out).
 
 Rounding follows torch's per-layer semantics: each linear output is rounded once to the input
 dtype (fp32 accumulation), the activation is computed from that rounded value in fp32 and rounded
@@ -130,12 +135,11 @@ def mlp_fwd_kernel(
     HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, SAVE_PREACT: tl.constexpr,
     SAVE_OUT_PREACT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    OFFSET_DTYPE: tl.constexpr,
-    HIDDEN: tl.constexpr, H: tl.constexpr,
+    OFFSET_DTYPE: tl.constexpr, H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Y for rows [pid * BLOCK_M, ...); with SAVE, also S_l (Y_l, or Z_l if SAVE_PREACT) into
-    saved [L, M, HIDDEN] and, with SAVE_OUT_PREACT, the output layer's Z (y's strides).
+    saved [L, M, H] and, with SAVE_OUT_PREACT, the output layer's Z (y's strides).
 
     widths [L] (int32): each hidden layer's true width. Units past it are padding: their
     pre-activation is set to 0 (not left as Σ x·0, which is NaN for an infinite x and would then
@@ -144,17 +148,17 @@ def mlp_fwd_kernel(
     m0 = tl.program_id(0).to(tl.int64) * BLOCK_M
     rm = tl.arange(0, BLOCK_M).to(OFFSET_DTYPE)
     rh = tl.arange(0, H)
+    rh_strided = rh.to(OFFSET_DTYPE)  # for the strided first and last weights
     rk = tl.arange(0, BLOCK_K).to(OFFSET_DTYPE)
     rn = tl.arange(0, BLOCK_N).to(OFFSET_DTYPE)
     in_m = _in_bounds(rm, m0, M, BLOCK_M)
-    in_hidden = rh < HIDDEN
-    save_mask = in_m[:, None] & in_hidden[None, :]
-    saved_ptrs = saved_ptr + m0 * HIDDEN + (rm[:, None] * HIDDEN + rh[None, :])
+    save_mask = in_m[:, None] & (rh < H)[None, :]  # whole rows of H: padding units included
+    saved_ptrs = saved_ptr + m0 * H + (rm[:, None] * H + rh[None, :])
 
     # ---- first layer: Z_0 = X W_inᵀ + b_in, X streamed BLOCK_K columns at a time -------------
     in_first = rh < H_FIRST
     x_ptrs = x_ptr + m0 * stride_xm + (rm[:, None] * stride_xm + rk[None, :] * stride_xk)
-    w_ptrs = w_in_ptr + (rk[:, None] * stride_w_in_k + rh[None, :] * stride_w_in_n)  # W_inᵀ tile
+    w_ptrs = w_in_ptr + (rk[:, None] * stride_w_in_k + rh_strided[None, :] * stride_w_in_n)  # W_inᵀ
     acc = tl.zeros((BLOCK_M, H), dtype=ACC_DTYPE)
     for k0 in range(0, K_IN, BLOCK_K):
         in_k = rk < K_IN - k0
@@ -170,26 +174,25 @@ def mlp_fwd_kernel(
     if SAVE:
         tl.store(saved_ptrs, z if SAVE_PREACT else h, mask=save_mask)
 
-    # ---- middle layers: Z_l = Y_{l-1} W_lᵀ + b_l, weights packed [NUM_MID, HIDDEN, HIDDEN] ----
-    w_ptrs = w_mid_ptr + (rh[:, None] + rh[None, :] * HIDDEN)  # W_lᵀ tile [H (in), H (out)]
-    w_mask = in_hidden[:, None] & in_hidden[None, :]
+    # ---- middle layers: Z_l = Y_{l-1} W_lᵀ + b_l, weights packed [NUM_MID, H, H] -------------
+    w_ptrs = w_mid_ptr + (rh[:, None] + rh[None, :] * H)  # W_lᵀ tile [H (in), H (out)]
     b_ptrs = b_mid_ptr + rh
     for layer in range(1, NUM_MID + 1):
-        acc = _mma(h, tl.load(w_ptrs, mask=w_mask, other=0.0),
-                   tl.zeros((BLOCK_M, H), dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
+        acc = _mma(h, tl.load(w_ptrs), tl.zeros((BLOCK_M, H), dtype=ACC_DTYPE), DOT_PRECISION,
+                   UPCAST)
         if HAS_BIAS:
-            acc += tl.load(b_ptrs, mask=in_hidden, other=0.0).to(ACC_DTYPE)[None, :]
+            acc += tl.load(b_ptrs).to(ACC_DTYPE)[None, :]
         acc = tl.where((rh < tl.load(widths_ptr + layer))[None, :], acc, 0.0)
         z, h = _activate_rounded(acc, DTYPE, ACTIVATION, ALPHA)
         saved_ptrs += stride_saved_layer
         if SAVE:
             tl.store(saved_ptrs, z if SAVE_PREACT else h, mask=save_mask)
-        w_ptrs += HIDDEN * HIDDEN
-        b_ptrs += HIDDEN
+        w_ptrs += H * H
+        b_ptrs += H
 
     # ---- last layer: Y = out_act(Y_{L-1} W_outᵀ + b_out), BLOCK_N output columns at a time ----
     in_last = rh < H_LAST
-    w_ptrs = w_out_ptr + (rh[:, None] * stride_w_out_k + rn[None, :] * stride_w_out_n)  # W_outᵀ
+    w_ptrs = w_out_ptr + (rh_strided[:, None] * stride_w_out_k + rn[None, :] * stride_w_out_n)
     out_tile = rm[:, None] * stride_ym + rn[None, :] * stride_yn
     y_ptrs = y_ptr + m0 * stride_ym + out_tile
     z_ptrs = z_out_ptr + m0 * stride_ym + out_tile
@@ -222,11 +225,10 @@ def mlp_bwd_kernel(
     ACTIVATION: tl.constexpr, ALPHA: tl.constexpr,
     OUT_ACTIVATION: tl.constexpr, OUT_ALPHA: tl.constexpr, COMPUTE_DX: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    OFFSET_DTYPE: tl.constexpr,
-    HIDDEN: tl.constexpr, H: tl.constexpr,
+    OFFSET_DTYPE: tl.constexpr, H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dZ_l of every hidden layer into dz [L, M, HIDDEN], dZ_out into dz_out (unless OUT_ACTIVATION
+    """dZ_l of every hidden layer into dz [L, M, H], dZ_out into dz_out (unless OUT_ACTIVATION
     is "none": then dZ_out is G itself), dX if COMPUTE_DX. G, S_out and dz_out share strides.
     As in the forward, the padding units' gradients are set to 0 (exactly what they are, also
     when a real gradient is infinite), so dZ is 0 there for the weight gradients too."""
@@ -234,17 +236,17 @@ def mlp_bwd_kernel(
     m0 = tl.program_id(0).to(tl.int64) * BLOCK_M
     rm = tl.arange(0, BLOCK_M).to(OFFSET_DTYPE)
     rh = tl.arange(0, H)
+    rh_strided = rh.to(OFFSET_DTYPE)  # for the strided first and last weights
     rk = tl.arange(0, BLOCK_K).to(OFFSET_DTYPE)
     rn = tl.arange(0, BLOCK_N).to(OFFSET_DTYPE)
     in_m = _in_bounds(rm, m0, M, BLOCK_M)
-    in_hidden = rh < HIDDEN
-    hidden_mask = in_m[:, None] & in_hidden[None, :]
+    hidden_mask = in_m[:, None] & (rh < H)[None, :]  # whole rows of H: padding units included
 
     # ---- last layer: dY_{L-1} = Σ_n dZ_out[:, n] W_out[n, :] ----------------------------------
     in_last = rh < H_LAST
     g_tile = rm[:, None] * stride_gm + rn[None, :] * stride_gn
     g_base = m0 * stride_gm
-    w_ptrs = w_out_ptr + (rn[:, None] * stride_w_out_n + rh[None, :] * stride_w_out_k)
+    w_ptrs = w_out_ptr + (rn[:, None] * stride_w_out_n + rh_strided[None, :] * stride_w_out_k)
     acc = tl.zeros((BLOCK_M, H), dtype=ACC_DTYPE)
     for n0 in range(0, N_OUT, BLOCK_N):
         in_n = rn < N_OUT - n0
@@ -261,12 +263,11 @@ def mlp_bwd_kernel(
     acc = tl.where(in_last[None, :], acc, 0.0)
 
     # ---- hidden layers L-1 .. 1: dZ_l = act'(dY_l, S_l), dY_{l-1} = dZ_l W_l ------------------
-    tile = m0 * HIDDEN + (rm[:, None] * HIDDEN + rh[None, :])
+    tile = m0 * H + (rm[:, None] * H + rh[None, :])
     top = NUM_MID * tl.cast(stride_saved_layer, tl.int64)  # the last hidden layer's slice
     saved_ptrs = saved_ptr + top + tile
     dz_ptrs = dz_ptr + top + tile
-    w_ptrs = w_mid_ptr + (NUM_MID - 1) * HIDDEN * HIDDEN + (rh[:, None] * HIDDEN + rh[None, :])
-    w_mask = in_hidden[:, None] & in_hidden[None, :]
+    w_ptrs = w_mid_ptr + (NUM_MID - 1) * H * H + (rh[:, None] * H + rh[None, :])
     for i in range(NUM_MID):
         layer = NUM_MID - i
         dy = _round(acc, DTYPE)
@@ -274,12 +275,12 @@ def mlp_bwd_kernel(
             dy = _derivative(dy, tl.load(saved_ptrs, mask=hidden_mask, other=0.0), ACC_DTYPE,
                              ACTIVATION, ALPHA)
         tl.store(dz_ptrs, dy, mask=hidden_mask)
-        acc = _mma(dy, tl.load(w_ptrs, mask=w_mask, other=0.0),
-                   tl.zeros((BLOCK_M, H), dtype=ACC_DTYPE), DOT_PRECISION, UPCAST)
+        acc = _mma(dy, tl.load(w_ptrs), tl.zeros((BLOCK_M, H), dtype=ACC_DTYPE), DOT_PRECISION,
+                   UPCAST)
         acc = tl.where((rh < tl.load(widths_ptr + layer - 1))[None, :], acc, 0.0)  # the layer below
         saved_ptrs -= stride_saved_layer
         dz_ptrs -= stride_saved_layer
-        w_ptrs -= HIDDEN * HIDDEN
+        w_ptrs -= H * H
 
     # ---- first layer: dZ_0, then dX = dZ_0 W_in, BLOCK_K columns at a time -------------------
     dz = _round(acc, DTYPE)
@@ -289,7 +290,7 @@ def mlp_bwd_kernel(
     tl.store(dz_ptrs, dz, mask=hidden_mask)
     if COMPUTE_DX:
         in_first = rh < H_FIRST
-        w_ptrs = w_in_ptr + (rh[:, None] * stride_w_in_n + rk[None, :] * stride_w_in_k)
+        w_ptrs = w_in_ptr + (rh_strided[:, None] * stride_w_in_n + rk[None, :] * stride_w_in_k)
         dx_ptrs = dx_ptr + m0 * stride_dxm + (rm[:, None] * stride_dxm + rk[None, :] * stride_dxk)
         for k0 in range(0, K_IN, BLOCK_K):
             in_k = rk < K_IN - k0
@@ -405,6 +406,11 @@ _INTERPRETER_DW = [tuning.TileConfig(128, 128, 32, 1, 4, 1)]
 # compiled under both Triton versions CI runs, clean in both and, where the pool allowed,
 # below ~240 registers. What the pool showed: at 128, 16-bit tiles take at most 64 rows with 8
 # warps, TF32 and exact fp32 (FMA, operands in registers) 16-32 rows with 2 stages on sm_90.
+# Each is also compiled as launched on sizes that are not multiples of 16 (mlp_aot's "odd"
+# sizes: K_IN 1000, N_OUT 10, ...), which takes more registers: under Triton 3.9 the earlier
+# TF32 defaults at 128 spilled there (12 bytes sm_90, 108-260 bytes sm_80), so TF32 at 128
+# takes 16-column first/last-layer steps (block_k = block_n = 16), and exact fp32 sm_90 at 128
+# lost its 16-row alternative (16 bytes spilled with odd sizes under 3.6).
 _C = FusedConfig
 FUSED_CONFIGS: Dict[Tuple[str, int], Dict[int, List[FusedConfig]]] = {
     ("half", 90): {16: [_C(128, 32, 32, 8, 1)], 32: [_C(128, 32, 32, 8, 1)],
@@ -415,13 +421,13 @@ FUSED_CONFIGS: Dict[Tuple[str, int], Dict[int, List[FusedConfig]]] = {
                    128: [_C(64, 32, 32, 8, 1)]},
     ("tf32", 90): {16: [_C(128, 32, 32, 8, 1)], 32: [_C(128, 32, 32, 8, 1)],
                    64: [_C(64, 32, 32, 8, 1), _C(32, 32, 32, 8, 2)],
-                   128: [_C(32, 32, 32, 8, 2), _C(16, 32, 32, 8, 2)]},
+                   128: [_C(32, 16, 16, 8, 2), _C(16, 32, 32, 8, 2)]},
     ("tf32", 80): {16: [_C(128, 32, 32, 8, 1)], 32: [_C(128, 32, 32, 8, 1)],
                    64: [_C(64, 32, 32, 8, 2), _C(64, 32, 32, 8, 1)],
-                   128: [_C(64, 32, 32, 8, 2), _C(32, 32, 32, 8, 2)]},
+                   128: [_C(64, 16, 16, 8, 2), _C(32, 32, 32, 8, 2)]},
     ("ieee", 90): {16: [_C(64, 32, 32, 8, 1)], 32: [_C(64, 32, 32, 8, 1)],
                    64: [_C(32, 32, 32, 8, 1), _C(32, 32, 32, 8, 2)],
-                   128: [_C(32, 32, 32, 8, 2), _C(16, 32, 32, 4, 2)]},
+                   128: [_C(32, 32, 32, 8, 2)]},
     ("ieee", 80): {16: [_C(64, 32, 32, 8, 1)], 32: [_C(64, 32, 32, 8, 1)],
                    64: [_C(32, 32, 32, 8, 1), _C(32, 32, 32, 8, 2)],
                    128: [_C(16, 32, 32, 8, 2)]},
@@ -470,6 +476,36 @@ def _capability(device: torch.device) -> Tuple[int, int]:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
 
 
+# The shared memory a block may opt in to on the GPUs the tables were compiled and checked for
+# (A100 for "80", H100 for "90"; the same figures as fastmlp.kernels.aot.SHARED_MEMORY_LIMIT).
+# The largest shipped tiles use ~147 KB (sm_80 TF32, H = 128) and ~114 KB (sm_90): on a GPU of
+# either generation with less (sm_86 / sm_89: A10, L4, RTX 30/40 series, ~99 KB; sm_120, ~99 KB)
+# every TF32 tile at H = 128 would fail to launch (OutOfResources, or "no kernel config fits"
+# from the autotuner), so such GPUs run the per-layer path instead. Before sm_80 (no bf16
+# tensor cores, other MMA shapes) nothing was compiled: per-layer there too.
+_TABLE_SHARED_MEMORY = {80: 166912, 90: 232448}
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory(device: torch.device) -> Optional[int]:
+    """The shared memory a block may opt in to on `device` (None: torch does not say)."""
+    if device.type != "cuda":
+        return None
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+
+
+def _table_arch(device: torch.device) -> Optional[int]:
+    """80 or 90: whose config tables serve `device`, or None when neither's checks hold there."""
+    major = _capability(device)[0]
+    if major < 8:
+        return None
+    arch = 90 if major >= 9 else 80
+    shared = _shared_memory(device)
+    if shared is not None and shared < _TABLE_SHARED_MEMORY[arch]:
+        return None
+    return arch
+
+
 def padded_width(hidden: int) -> int:
     """The tile width H of a hidden width: the next power of two, at least 16 (tl.dot's minimum)."""
     return max(16, tuning.bucket(hidden))
@@ -479,7 +515,8 @@ def fused_candidates(dtype: torch.dtype, allow_tf32: Optional[bool], hidden: int
                      device: torch.device, activation: str = "relu") -> Optional[List[FusedConfig]]:
     """The fused configs for a stack of hidden width `hidden` (max over layers) with hidden
     activation `activation` on `device`, or None when that width is past the fully fused limit
-    there. allow_tf32=None (not known yet): fp32 configs only where both fp32 modes have them."""
+    there, or the GPU is not one the tables were checked for (_table_arch). allow_tf32=None
+    (not known yet): fp32 configs only where both fp32 modes have them."""
     if tuning.interpreter_enabled():
         return _INTERPRETER_FUSED if padded_width(hidden) <= 128 else None
     if device.type != "cuda":
@@ -488,8 +525,10 @@ def fused_candidates(dtype: torch.dtype, allow_tf32: Optional[bool], hidden: int
         modes = (True, False) if dtype == torch.float32 else (False,)
         found = [fused_candidates(dtype, mode, hidden, device, activation) for mode in modes]
         return None if any(f is None for f in found) else found[-1]
-    major = _capability(device)[0]
-    key = (dtype_class(dtype, allow_tf32), 90 if major >= 9 else 80)
+    arch = _table_arch(device)
+    if arch is None:
+        return None
+    key = (dtype_class(dtype, allow_tf32), arch)
     H = padded_width(hidden)
     if activation not in SELECT_ACTIVATIONS and H in MATH_CONFIGS.get(key, {}):
         return MATH_CONFIGS[key][H]
@@ -499,8 +538,7 @@ def fused_candidates(dtype: torch.dtype, allow_tf32: Optional[bool], hidden: int
 def _dw_candidates(dtype: torch.dtype, allow_tf32: bool, device: torch.device):
     if tuning.interpreter_enabled() or device.type != "cuda":
         return _INTERPRETER_DW
-    major = _capability(device)[0]
-    return DW_CONFIGS[(dtype_class(dtype, allow_tf32), 90 if major >= 9 else 80)]
+    return DW_CONFIGS[(dtype_class(dtype, allow_tf32), _table_arch(device))]  # fused: not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,24 +554,34 @@ def _precision(dtype: torch.dtype, allow_tf32: bool):
 
 def _offset_dtype(*tensors: torch.Tensor) -> tl.constexpr:
     """int32 tile-local offsets unless some stride is so large that 512 * stride might not fit."""
-    largest = max((abs(s) for t in tensors for s in t.stride()), default=1)
+    return _lane_offset_dtype(s for t in tensors for s in t.stride())
+
+
+def _lane_offset_dtype(strides) -> tl.constexpr:
+    """The same for the strides (and row lengths) that tile lanes are multiplied by. Strides
+    that only a program id or a row start multiplies (the weight-gradient kernel's layer and
+    row-chunk offsets) are left out: those products are int64 in the kernel anyway, and a
+    group stride of M * H (or M * K_IN for the first layer) would otherwise switch every batch
+    past a few thousand rows to int64 lanes: a kernel the ahead-of-time checks never compile."""
+    largest = max((abs(s) for s in strides), default=1)
     return tl.int32 if largest * 512 < 2**31 else tl.int64
 
 
 def pack_middle(weights: List[torch.Tensor], biases: Optional[List[torch.Tensor]],
-                hidden: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The middle layers' weights as one [L-1, hidden, hidden] buffer (biases [L-1, hidden]),
-    zero-padded where a layer is narrower than `hidden`: one stack when all are full width."""
+                width: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The middle layers' weights as one contiguous [L-1, width, width] buffer (biases
+    [L-1, width]), zero-padded where a layer is narrower than `width` (the padded width H):
+    one stack when all are full width."""
     middle = weights[1:-1]
     ref = weights[0]
     if not middle:
-        return ref.new_zeros((0, hidden, hidden)), (ref.new_zeros((0, hidden)) if biases else None)
-    if all(w.shape == (hidden, hidden) for w in middle):
+        return ref.new_zeros((0, width, width)), (ref.new_zeros((0, width)) if biases else None)
+    if all(w.shape == (width, width) for w in middle):
         w_mid = torch.stack(middle)
         b_mid = torch.stack(biases[1:-1]) if biases else None
         return w_mid, b_mid
-    w_mid = ref.new_zeros((len(middle), hidden, hidden))
-    b_mid = ref.new_zeros((len(middle), hidden)) if biases else None
+    w_mid = ref.new_zeros((len(middle), width, width))
+    b_mid = ref.new_zeros((len(middle), width)) if biases else None
     for i, w in enumerate(middle):
         w_mid[i, :w.shape[0], :w.shape[1]] = w
         if biases:
@@ -557,12 +605,13 @@ def mlp_forward(x: torch.Tensor, weights: List[torch.Tensor], biases: Optional[L
                 activation: str, alpha: float, out_activation: str, out_alpha: float,
                 save: bool, save_preact: bool, save_out_preact: bool, allow_tf32: bool,
                 config: Optional[FusedConfig] = None):
-    """(Y [M, N_OUT], saved [L, M, hidden], Z_out [M, N_OUT]) of the stack, fully fused.
+    """(Y [M, N_OUT], saved [L, M, H], Z_out [M, N_OUT]) of the stack, fully fused.
 
     x [M, K_IN]; weights in nn.Linear layout, at least two; biases one per weight, or None.
     `saved` holds each hidden layer's output (its pre-activation with `save_preact`) when `save`
     (else it is empty); Z_out is the output layer's pre-activation with `save_out_preact` (else
-    empty). hidden = max hidden width; the caller checked that fused_candidates() has configs.
+    empty). H = padded_width(max hidden width): saved's rows are whole tiles, each layer's
+    units past its width hold act(0); the caller checked that fused_candidates() has configs.
     """
     M, K_IN = x.shape
     widths = [w.shape[0] for w in weights[:-1]]
@@ -571,32 +620,32 @@ def mlp_forward(x: torch.Tensor, weights: List[torch.Tensor], biases: Optional[L
     w_in, w_out = weights[0], weights[-1]
     N_OUT = w_out.shape[0]
     dtype, device = x.dtype, x.device
+    H = padded_width(hidden)
     y = new_output((M, N_OUT), dtype=dtype, device=device)
-    saved = new_output((len(widths), M, hidden) if save else (0,), dtype=dtype, device=device)
+    saved = new_output((len(widths), M, H) if save else (0,), dtype=dtype, device=device)
     z_out = new_output((M, N_OUT) if save_out_preact else (0,), dtype=dtype, device=device)
     if M == 0:
         return y, saved, z_out
-    w_mid, b_mid = pack_middle(weights, biases, hidden)
+    w_mid, b_mid = pack_middle(weights, biases, H)
     acc, precision, upcast = _precision(dtype, allow_tf32)
     has_bias = biases is not None
     b_in = biases[0].contiguous() if has_bias else w_in
     b_out = biases[-1].contiguous() if has_bias else w_in
     b_mid = b_mid if has_bias else w_mid
-    H = padded_width(hidden)
 
     def launch(cfg: FusedConfig):
         mlp_fwd_kernel[(cdiv(M, cfg.block_m),)](
             x, w_in, b_in, w_mid, b_mid, w_out, b_out, _widths(tuple(widths), device), y,
             saved if save else y,
             z_out if save_out_preact else y,
-            M, K_IN, widths[0], widths[-1], N_OUT, num_mid, M * hidden,
+            M, K_IN, widths[0], widths[-1], N_OUT, num_mid, M * H,
             x.stride(0), x.stride(1), w_in.stride(0), w_in.stride(1),
             w_out.stride(0), w_out.stride(1), y.stride(0), y.stride(1),
             ACTIVATION=activation, ALPHA=alpha, OUT_ACTIVATION=out_activation, OUT_ALPHA=out_alpha,
             HAS_BIAS=has_bias, SAVE=save, SAVE_PREACT=save_preact, SAVE_OUT_PREACT=save_out_preact,
             ACC_DTYPE=acc, DOT_PRECISION=precision, UPCAST=upcast,
             OFFSET_DTYPE=_offset_dtype(x, w_in, w_out, y),
-            HIDDEN=hidden, H=H, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
+            H=H, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if config is None:
@@ -627,7 +676,7 @@ def _grad_weight(a: torch.Tensor, b: torch.Tensor, b_activation: str, b_alpha: f
     if M == 0 or N == 0 or not (kernel_dw or compute_db):
         return a.new_zeros((G, N, K)), a.new_zeros((G, N))
     acc, precision, upcast = _precision(dtype, allow_tf32)
-    offset_dtype = _offset_dtype(a, b) if K * 512 < 2**31 else tl.int64
+    offset_dtype = _lane_offset_dtype((*a.stride()[1:], *b.stride()[1:], K))  # K: dW's rows
 
     def run(cfg, chunks):
         tiles = cdiv(N, cfg.block_rows) * (cdiv(K, cfg.block_cols) if kernel_dw else 1)
@@ -670,8 +719,8 @@ def mlp_backward(grad: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor
     db_out), None where `needs` (the same seven flags) says no.
 
     saved and the activation flags are what mlp_forward was given; s_out is what the output
-    activation's derivative reads (Y or Z_out; None for "none"). dW_mid [L-1, hidden, hidden] and
-    db_mid [L-1, hidden] are padded like the packed weights: the caller slices each layer out.
+    activation's derivative reads (Y or Z_out; None for "none"). dW_mid [L-1, H, H] and
+    db_mid [L-1, H] are padded like the packed weights: the caller slices each layer out.
     `split` fixes the number of row chunks of the weight gradients (tests).
     """
     needs_dx, needs_w_in, needs_b_in, needs_w_mid, needs_b_mid, needs_w_out, needs_b_out = needs
@@ -679,26 +728,29 @@ def mlp_backward(grad: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor
     K_IN = x.shape[1]
     widths = [w.shape[0] for w in weights[:-1]]
     L, hidden = len(widths), max(widths)
+    H = padded_width(hidden)
     num_mid = L - 1
     w_in, w_out = weights[0], weights[-1]
     dtype, device = grad.dtype, grad.device
     acc, precision, upcast = _precision(dtype, allow_tf32)
+    if saved.shape != (L, M, H) or not saved.is_contiguous():
+        raise ValueError(f"fastmlp mlp_backward: saved has shape {tuple(saved.shape)} and strides "
+                         f"{saved.stride()}; expected a contiguous {(L, M, H)} (mlp_forward's)")
 
     has_out_act = out_activation != "none"
     if has_out_act:  # one offset tile serves G, S_out and dZ_out: all contiguous
         grad, s_out = grad.contiguous(), s_out.contiguous()
-    dz = new_output((L, M, hidden), dtype=dtype, device=device)
+    dz = new_output((L, M, H), dtype=dtype, device=device)
     dz_out = new_output((M, N_OUT), dtype=dtype, device=device) if has_out_act else grad
     dx = new_output((M, K_IN), dtype=dtype, device=device) if needs_dx else None
     if M > 0:
-        w_mid, _ = pack_middle(weights, None, hidden)
-        H = padded_width(hidden)
+        w_mid, _ = pack_middle(weights, None, H)
 
         def launch(cfg: FusedConfig):
             mlp_bwd_kernel[(cdiv(M, cfg.block_m),)](
                 grad, s_out if has_out_act else grad, dz_out, saved, dz, w_in, w_mid, w_out,
                 _widths(tuple(widths), device), dx if needs_dx else grad,
-                M, K_IN, widths[0], widths[-1], N_OUT, num_mid, M * hidden,
+                M, K_IN, widths[0], widths[-1], N_OUT, num_mid, M * H,
                 grad.stride(0), grad.stride(1), w_in.stride(0), w_in.stride(1),
                 w_out.stride(0), w_out.stride(1),
                 dx.stride(0) if needs_dx else 0, dx.stride(1) if needs_dx else 0,
@@ -706,7 +758,7 @@ def mlp_backward(grad: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor
                 OUT_ALPHA=out_alpha, COMPUTE_DX=needs_dx,
                 ACC_DTYPE=acc, DOT_PRECISION=precision, UPCAST=upcast,
                 OFFSET_DTYPE=_offset_dtype(grad, w_in, w_out, *([dx] if needs_dx else [])),
-                HIDDEN=hidden, H=H, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
+                H=H, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
                 BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
         cfg = config

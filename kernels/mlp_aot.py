@@ -6,9 +6,20 @@ padded hidden width) entry of FUSED_CONFIGS and DW_CONFIGS, for the activations 
 heaviest forward (gelu: erf) and derivative (gelu_tanh), and relu. The fully fused width limit
 of each dtype class is the widest H whose configs compile with 0 spills here.
 
-The compile mirrors a launch on contiguous tensors whose sizes are multiples of 16: unit strides
-constexpr 1, the other integer arguments carrying Triton's divisibility-by-16 hint, except the
-batch M of the forward and dX kernels (do_not_specialize there).
+Each config is compiled twice, as two launches on contiguous tensors specialise it: sizes
+"x16", every integer argument a multiple of 16 (Triton's divisibility-by-16 hint on each, except
+the batch M of the forward and dX kernels: do_not_specialize there), and sizes "odd", none of
+them (the seed's K_IN = 1000, N_OUT = 10, widths like 100: rows that do not start 16-aligned,
+narrower loads, more registers), the stride between saved layers (M * H, always a multiple of
+16) excepted; unit strides are constexpr 1 in both. The hidden width is no
+constexpr of the fused kernels (only its padded tile width H is; the true widths are runtime
+arguments), so the kernel compiled here for H is the one every width that pads to H runs.
+
+What is read from the compile: ptxas's registers, spills, stack frame; shared memory; HGMMA count
+(sm_90 SASS); the TTGIR's wgmma waits; ptxas's wgmma serialisation advisory; NaN-dropping float
+min/max in the PTX. The last three are read here from the compiled text (the PTX, the TTGIR)
+rather than taken by position from fastmlp.kernels.aot's report tuple, whose length differs
+between versions of that module (read by position, the NaN check silently read nothing).
 
 Run ``python -m fastmlp.kernels.mlp_aot`` for a table; ``--json FILE`` writes every report, and
 ``--sweep`` compiles a grid of candidate configs (how the shipped ones were chosen).
@@ -16,7 +27,11 @@ Run ``python -m fastmlp.kernels.mlp_aot`` for a table; ``--json FILE`` writes ev
 
 import itertools
 import os
-from dataclasses import asdict, dataclass
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import List
 
 import triton
 import triton.language as tl
@@ -52,10 +67,49 @@ class MLPCompileReport:
     wide_loads: int
     wgmma_serialised: bool   # ptxas had to serialise wgmma (registers it could not keep live)
     float_minmax: int        # NaN-dropping max/min instructions in the PTX (want 0)
+    wgmma_waits: List[int] = field(default_factory=list)  # TTGIR warp_group_dot_wait pendings
+    sizes: str = "x16"       # "x16": integer arguments with the divisibility-by-16 hint; "odd": without
+
+
+# max.f32 / min.f32 (any .ftz/.xorsign; f16, f64, packed f16x2/bf16x2 too) return the other
+# operand for NaN: a ReLU written as max(z, 0) maps NaN to 0. Their .NaN forms propagate NaN.
+_FLOAT_MINMAX = re.compile(r"\b(?:max|min)(?!\.NaN)(?:\.(?!NaN)\w+)*\.(?:f16x2|bf16x2|f16|bf16|f32|f64)\b")
+_WGMMA_WAIT = re.compile(r"warp_group_dot_wait\b[^\n]*pendings = (\d+)")
+
+
+def float_minmax_count(ptx: str) -> int:
+    """NaN-dropping float min/max instructions in a PTX text."""
+    return len(_FLOAT_MINMAX.findall(ptx))
+
+
+def wgmma_waits(ttgir: str) -> List[int]:
+    """Each wgmma wait in the TTGIR, in program order: how many wgmma groups may stay in flight
+    (0 right after a wgmma: it runs synchronously)."""
+    return [int(n) for n in _WGMMA_WAIT.findall(ttgir)]
+
+
+def _wgmma_serialised(ptx: str, arch: int) -> bool:
+    """ptxas's advisory that it serialised wgmma (sm_90 only)."""
+    if arch != 90:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        err = subprocess.run([aot._ptxas(arch), "-v", "--gpu-name=sm_90a", path, "-o",
+                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True,
+                             check=True).stderr
+    return "wgmma.mma_async instructions are serialized" in err
+
+
+SIZES = ("x16", "odd")
+# Integer arguments a multiple of 16 whatever the sizes: M * H, and the dW kernel's row chunk
+# (a multiple of its block_red).
+_ALWAYS_X16 = ("stride_saved_layer", "rows_per_split")
 
 
 def compile_case(kernel: str, arch: int, dtype: str, precision: str, hidden: int,
-                 activation: str, config) -> MLPCompileReport:
+                 activation: str, config, sizes: str = "x16") -> MLPCompileReport:
     """Compile one kernel with one config for sm_<arch> and read ptxas's and cuobjdump's reports."""
     fn, unit_strides = _KERNELS[kernel]
     preact = activation in ("gelu", "gelu_tanh", "silu")
@@ -66,7 +120,7 @@ def compile_case(kernel: str, arch: int, dtype: str, precision: str, hidden: int
                  BLOCK_M=config.block_red)
     else:
         c.update(ACTIVATION=activation, ALPHA=0.0, OUT_ACTIVATION="none", OUT_ALPHA=0.0,
-                 HIDDEN=hidden, H=hidden, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
+                 H=hidden, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
                  BLOCK_N=config.block_n)
         if kernel == "mlp_forward":
             c.update(HAS_BIAS=True, SAVE=True, SAVE_PREACT=preact, SAVE_OUT_PREACT=False)
@@ -82,18 +136,24 @@ def compile_case(kernel: str, arch: int, dtype: str, precision: str, hidden: int
             signature[name] = "*i32"
         else:
             signature[name] = f"*{dtype}" if name.endswith("_ptr") else "i32"
-        if not (name == "M" and kernel != "mlp_grad_weight"):
+        if name == "M" and kernel != "mlp_grad_weight":
+            continue  # do_not_specialize
+        if name.endswith("_ptr") or sizes == "x16" or name in _ALWAYS_X16:
             attrs[(index,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(ASTSource(fn, signature, c, attrs), target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     found = aot._read_reports(compiled, arch)
-    registers, spills, stack, shared, hgmma, wide_loads = found[:6]
-    serialised = bool(found[7]) if len(found) > 7 else False
-    minmax = int(found[8]) if len(found) > 8 else 0
+    registers, spills, stack, shared, hgmma, wide_loads = found[:6]  # the same in every version
+    ptx = compiled.asm["ptx"]
+    # aot's report carries ptxas's serialisation advisory in newer versions (a bool after the
+    # waits list); else ptxas runs once more here.
+    serialised = (found[7] if len(found) >= 9 and isinstance(found[7], bool)
+                  else _wgmma_serialised(ptx, arch))
     return MLPCompileReport(kernel, arch, dtype, precision,
                             hidden if kernel != "mlp_grad_weight" else 0, activation,
                             asdict(config), config.num_warps, registers, spills, stack, shared,
-                            hgmma, wide_loads, serialised, minmax)
+                            hgmma, wide_loads, serialised, float_minmax_count(ptx),
+                            wgmma_waits(compiled.asm["ttgir"]), sizes)
 
 
 # Which activations a config must compile cleanly for: the default tiles (FUSED_CONFIGS) serve
@@ -110,9 +170,15 @@ MATH_FULL = ("gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
 
 
 def shipped_cases(full: bool = False):
-    """(kernel, arch, dtype, precision, H, activation, config) for every config a launch may pick,
-    each with the activations it may run (the heaviest per group, or all with `full`), bf16 for
-    the 16-bit class unless `full`."""
+    """(kernel, arch, dtype, precision, H, activation, config, sizes) for every config a launch
+    may pick, each with the activations it may run (the heaviest per group, or all with `full`),
+    bf16 for the 16-bit class unless `full`, both SIZES."""
+    for case in _shipped(full):
+        for sizes in SIZES:
+            yield case + (sizes,)
+
+
+def _shipped(full: bool):
     for (cls, arch), by_width in mlp.FUSED_CONFIGS.items():
         dtypes = _DTYPES[cls] if full else _DTYPES[cls][-1:]
         math = mlp.MATH_CONFIGS.get((cls, arch), {})
@@ -138,17 +204,18 @@ def sweep_cases():
         for block_m, warps, stages in itertools.product((32, 64, 128), (4, 8), (1, 2)):
             config = mlp.FusedConfig(block_m, 32, 32, warps, stages)
             for kernel in ("mlp_forward", "mlp_backward"):
-                yield kernel, arch, _DTYPES[cls][-1], _PRECISION[cls], hidden, "relu", config
+                for sizes in SIZES:
+                    yield kernel, arch, _DTYPES[cls][-1], _PRECISION[cls], hidden, "relu", config, sizes
 
 
 def _compile(case):
     try:
         return compile_case(*case)
     except Exception as error:  # a config the compiler rejects: report it as such
-        kernel, arch, dtype, precision, hidden, activation, config = case
+        kernel, arch, dtype, precision, hidden, activation, config, sizes = case
         print(f"failed: {case}: {type(error).__name__}: {str(error)[:200]}")
         return MLPCompileReport(kernel, arch, dtype, precision, hidden, activation, asdict(config),
-                                config.num_warps, -1, -1, -1, -1, -1, -1, False, -1)
+                                config.num_warps, -1, -1, -1, -1, -1, -1, False, -1, [], sizes)
 
 
 def compile_all(cases, jobs: int = 1):
@@ -176,16 +243,16 @@ def main(argv=None) -> None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
     reports = compile_all(sweep_cases() if args.sweep else shipped_cases(args.full), args.jobs)
-    print(f"{'kernel':15} {'sm':>3} {'dtype':5} {'prec':4} {'H':>4} {'act':9} {'config':24} "
-          f"{'regs':>4} {'spill':>5} {'smem':>7} {'HGMMA':>5} {'serial':>6}")
+    print(f"{'kernel':15} {'sm':>3} {'dtype':5} {'prec':4} {'H':>4} {'act':9} {'sizes':5} {'config':24} "
+          f"{'regs':>4} {'spill':>5} {'smem':>7} {'HGMMA':>5} {'serial':>6} waits")
     for r in reports:
         c = r.config
         shape = (f"{c['block_m']}x{c['block_k']}x{c['block_n']}" if "block_m" in c
                  else f"{c['block_rows']}x{c['block_cols']}x{c['block_red']}")
         shape += f" w{c['num_warps']} s{c['num_stages']}"
-        print(f"{r.kernel:15} {r.arch:3} {r.dtype:5} {r.precision:4} {r.hidden:4} {r.activation:9} "
+        print(f"{r.kernel:15} {r.arch:3} {r.dtype:5} {r.precision:4} {r.hidden:4} {r.activation:9} {r.sizes:5} "
               f"{shape:24} {r.registers:4} {r.spill_bytes:5} {r.shared_bytes:7} {r.hgmma:5} "
-              f"{'yes' if r.wgmma_serialised else 'no':>6}")
+              f"{'yes' if r.wgmma_serialised else 'no':>6} {','.join(map(str, r.wgmma_waits)) or '-'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in reports], f, indent=1)

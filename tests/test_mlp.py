@@ -393,6 +393,20 @@ def test_autocast_like_nn_linear(triton_backend):
     assert all(p.grad is not None and p.grad.dtype == FP32 for p in model.parameters())
 
 
+def test_autocast_half_input_to_float_model(triton_backend):
+    """Under autocast a bf16 input meets fp32 parameters, as nn.Linear allows (autocast casts
+    both): the dtype check must look at what autocast gives the kernels (it raised "dtypes
+    differ ... or run under torch.autocast" under autocast)."""
+    model = _build(12, [32, 32], 3, "relu", None, True, FP32, "cpu")
+    seq = _equivalent_sequential(model)
+    x = torch.randn(21, 12).to(BF16)
+    with torch.autocast("cpu", dtype=BF16):
+        y, ref = model(x), seq(x)
+    assert y.dtype == ref.dtype == BF16
+    assert_close(y, seq.double()(x.double()), BF16, "autocast bf16 input",
+                 max(TOLERANCE[BF16], 4 * rel_err(ref, seq.double()(x.double()))))
+
+
 def _check_compiled(device, backend):
     torch._dynamo.reset()
     model = _build(6, [32, 32, 32], 3, "silu", "tanh", True, FP32, device)
@@ -484,3 +498,142 @@ def test_dispatcher_times_both_paths_and_keeps_one():
     assert path in ("fused", "per-layer") and len(fmlp._choices) == 1
     assert model.path(x) == path
     check_against_reference(model, (4096,), FP16, "cuda", what="dispatched")
+
+
+# ---- what only a GPU would show, made visible on the CPU ----------------------------------------
+class _RecordingKernel:
+    """Stands in for a Triton kernel: records each launch's keyword (constexpr) arguments, then
+    launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_every_width_runs_the_kernel_its_padded_width_compiles(triton_backend, monkeypatch):
+    """Hidden widths 100 and 128 launch the fused kernels with the same constexprs: the kernel
+    mlp_aot compiles (and checks for spills) at H = 128 is the one a width-100 model runs. With
+    the true width a constexpr of its own (masked, unaligned rows of 100), the sm_90 16-bit
+    GELU-tanh backward default spilled 228 bytes, and at odd widths most backward tiles did."""
+    from fastmlp.kernels import mlp as kmlp
+
+    fwd, bwd = _RecordingKernel(kmlp.mlp_fwd_kernel), _RecordingKernel(kmlp.mlp_bwd_kernel)
+    monkeypatch.setattr(kmlp, "mlp_fwd_kernel", fwd)
+    monkeypatch.setattr(kmlp, "mlp_bwd_kernel", bwd)
+    for hidden in ([100, 100], [128, 128], [16, 100, 64]):
+        model = _build(5, hidden, 3, "gelu_tanh", None, True, FP32, "cpu")
+        model(torch.randn(9, 5)).sum().backward()
+    for recorded in (fwd.launches, bwd.launches):
+        assert len(recorded) == 3 and recorded[0] == recorded[1], "100 and 128 compile apart"
+        assert {k: v for k, v in recorded[2].items()} == recorded[0]
+        assert recorded[0]["H"] == 128 and "HIDDEN" not in recorded[0]
+
+
+def test_storage_width_is_the_kernels_padded_width():
+    """The op's fake kernels and torch path size saved / dW_mid with fastmlp.mlp's own copy of
+    the padded width (importing the kernels costs ~1 s): it must be the kernels' formula."""
+    from fastmlp.kernels import mlp as kmlp
+
+    for width in (1, 15, 16, 17, 31, 64, 65, 100, 127, 128, 129, 256):
+        assert fmlp._storage_width([width]) == kmlp.padded_width(width)
+
+
+@pytest.mark.parametrize("row_stride,expected", [(16, "int32"), (2**22, "int64")])
+def test_weight_gradient_lane_offsets(triton_backend, monkeypatch, row_stride, expected):
+    """The dW kernel's lane offsets are int32 unless a stride that lanes multiply is too large:
+    a layer's group stride (M * H for the stacked dZ, M * K_IN for x.unsqueeze(0)) is multiplied
+    by a program id in int64 and must not count (it did: every batch past ~4K rows at K_IN 1000
+    ran int64 lanes, a kernel the ahead-of-time checks never compiled). A row stride of 2**22
+    does need int64, and gets it, with the right result."""
+    from fastmlp.kernels import mlp as kmlp
+
+    gen = torch.Generator().manual_seed(0)
+    M, N, K = 40, 16, 8
+    a = torch.randn(M * N, generator=gen).as_strided((1, M, N), (2**23, N, 1))
+    store = torch.zeros((M - 1) * row_stride + K)
+    b = store.as_strided((1, M, K), (2**23, row_stride, 1))
+    b.copy_(torch.randn(1, M, K, generator=gen))
+    kernel = _RecordingKernel(kmlp.mlp_grad_weight_kernel)
+    monkeypatch.setattr(kmlp, "mlp_grad_weight_kernel", kernel)
+    dw, db = kmlp._grad_weight(a, b, "none", 0.0, True, True, False, 1)
+    assert str(kernel.launches[0]["OFFSET_DTYPE"]) == expected
+    assert_close(dw[0], a[0].t() @ b[0], FP32, "dW")
+    assert_close(db[0], a[0].sum(0), FP32, "db")
+
+
+def test_dispatcher_times_what_the_call_runs(triton_backend, monkeypatch):
+    """The first CUDA call of a shape bucket times both paths (faked here: do_bench runs each
+    once). Under no_grad / inference_mode it must time the forward alone (the parameters still
+    have requires_grad set; it timed forward + backward, and under inference_mode the backward
+    raised "Inference tensors cannot be saved for backward"); with grad mode on, forward and
+    backward; always with the inputs' device current (do_bench's events and synchronisation
+    are the current device's)."""
+    import triton.testing
+    from fastmlp.kernels import launch
+
+    backwards, devices = [], []
+    current = []
+    real_grad, real_guard = torch.autograd.grad, launch.device_guard
+
+    def fake_bench(fn, warmup=0, rep=0, **kwargs):
+        devices.append(list(current))
+        fn()
+        return 1.0
+
+    def counting_grad(*args, **kwargs):
+        backwards.append(1)
+        return real_grad(*args, **kwargs)
+
+    class guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            current.append(self.device)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    monkeypatch.setattr(launch, "device_guard", guard)
+    model = _build(5, [16, 16], 3, "relu", None, True, FP32, "cpu")
+
+    def timed(x):
+        xx, ws, bs, acts = model._prepare(x)
+        return fmlp._time_candidates(fmlp._rows(xx), ws, bs, acts, fmlp._spec(acts))
+
+    with torch.no_grad():
+        assert timed(torch.randn(7, 5)) in ("fused", "per-layer")
+    assert backwards == []
+    with torch.inference_mode():
+        assert timed(torch.randn(7, 5)) in ("fused", "per-layer")
+    assert backwards == []
+    assert timed(torch.randn(7, 5)) in ("fused", "per-layer")
+    assert len(backwards) == 2  # one backward per path
+    assert devices == [[torch.device("cpu")]] * 6
+
+
+@pytest.mark.parametrize("capability,shared,fused", [
+    ((9, 0), 232448, True), ((8, 0), 166912, True), ((8, 7), 166912, True),
+    ((8, 6), 101376, False), ((8, 9), 101376, False), ((12, 0), 101376, False),
+    ((7, 5), 65536, False)])
+def test_fused_tables_only_where_they_were_checked(monkeypatch, capability, shared, fused):
+    """The tables were compiled for A100 / H100 shared memory; the TF32 tiles at H = 128 take
+    up to ~147 KB, so an L4, A10 or RTX (~99 KB) would fail to launch every one of them
+    (OutOfResources at FASTMLP_AUTOTUNE=0, "no kernel config fits" when autotuning)."""
+    from fastmlp.kernels import mlp as kmlp
+    from fastmlp.kernels import tuning
+
+    monkeypatch.setattr(tuning, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(kmlp, "_capability", lambda device: capability)
+    monkeypatch.setattr(kmlp, "_shared_memory", lambda device: shared)
+    found = kmlp.fused_candidates(FP32, True, 100, torch.device("cuda", 0), "relu")
+    assert (found is not None) == fused
+    if fused:
+        assert kmlp.fused_candidates(BF16, False, 128, torch.device("cuda", 0), "gelu")

@@ -1,10 +1,13 @@
 """Every shipped fused-MLP config compiles for sm_80 and sm_90 (no GPU needed) without register
 spills or a stack frame, within the shared-memory limit, with the Hopper 16-bit and TF32 tiles of
-64+ rows on wgmma and no NaN-dropping max/min; and the tables say where the fully fused limit is.
+64+ rows on wgmma (not serialised by ptxas) and no NaN-dropping max/min; and the tables say where
+the fully fused limit is. The kernels take no hidden-width constexpr but the padded tile width
+H, so what is compiled here at H is what every width that pads to H runs.
 
-The compiles (~85, the heaviest activation of each kernel; ``python -m fastmlp.kernels.mlp_aot
---full`` compiles every dtype and activation) run once, in a subprocess without TRITON_INTERPRET,
-and each case is then its own test.
+The compiles (~300: the heaviest activation of each kernel, each as launched on sizes that are
+multiples of 16 and on sizes that are not; ``python -m fastmlp.kernels.mlp_aot --full`` compiles
+every dtype and activation) run once, in a subprocess without TRITON_INTERPRET, and each case is
+then its own test.
 """
 
 import json
@@ -21,17 +24,17 @@ from fastmlp.kernels import aot, mlp, mlp_aot  # noqa: E402
 CASES = list(mlp_aot.shipped_cases())
 
 
-def _id(kernel, arch, dtype, precision, hidden, activation, config: dict):
+def _id(kernel, arch, dtype, precision, hidden, activation, config: dict, sizes):
     shape = "x".join(str(v) for k, v in config.items() if k not in ("num_warps", "num_stages", "group"))
     return (f"{kernel}-sm{arch}-{dtype}-{precision}-H{hidden}-{activation}-{shape}"
-            f"-w{config['num_warps']}-s{config['num_stages']}")
+            f"-w{config['num_warps']}-s{config['num_stages']}-{sizes}")
 
 
 def _case_id(case):
-    kernel, arch, dtype, precision, hidden, activation, config = case
+    kernel, arch, dtype, precision, hidden, activation, config, sizes = case
     from dataclasses import asdict
 
-    return _id(kernel, arch, dtype, precision, hidden, activation, asdict(config))
+    return _id(kernel, arch, dtype, precision, hidden, activation, asdict(config), sizes)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,7 @@ def reports(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "fastmlp.kernels.mlp_aot", "--json", str(out)], env=env,
                    check=True, stdout=subprocess.DEVNULL, timeout=1200)
     return {_id(r["kernel"], r["arch"], r["dtype"], r["precision"], r["hidden"], r["activation"],
-                r["config"]): r for r in json.loads(out.read_text())}
+                r["config"], r["sizes"]): r for r in json.loads(out.read_text())}
 
 
 @pytest.mark.slow
@@ -61,6 +64,23 @@ def test_shipped_config_compiles_cleanly(reports, case):
     tensor_cores = r["dtype"] in ("fp16", "bf16") or r["precision"] == "tf32"
     if r["arch"] == 90 and tensor_cores and rows >= 64:
         assert r["hgmma"] > 0, "no HGMMA (wgmma) instruction in the Hopper SASS"
+    if r["hgmma"] > 0:  # the TTGIR was read: every wgmma site has its wait
+        assert r["wgmma_waits"], "HGMMA in the SASS but no warp_group_dot_wait in the TTGIR"
+    assert not r["wgmma_serialised"], "ptxas serialised the wgmma"
+
+
+def test_the_nan_and_wgmma_readers_see_what_they_look_for():
+    """The readers behind the checks above, on known text: a NaN-dropping max/min is counted
+    (f32, f16x2, with .ftz / .xorsign), its .NaN form and integer max are not; wgmma waits are
+    read in order. (Taken by position from fastmlp.kernels.aot's report tuple, whose length
+    changed between versions, the NaN count read a field that was not there and was always 0.)"""
+    ptx = ("max.f32 %f1, %f2, %f3;\n min.ftz.f32 %f1, %f2, %f3;\n max.bf16x2 %r1, %r2, %r3;\n"
+           "min.xorsign.abs.f32 %f1, %f2, %f3;\n max.NaN.f32 %f1, %f2, %f3;\n"
+           "max.NaN.ftz.f32 %f1, %f2, %f3;\n max.s32 %r1, %r2, %r3;\n max.u64 %rd1, %rd2, %rd3;")
+    assert mlp_aot.float_minmax_count(ptx) == 4
+    ttgir = ("%1 = ttng.warp_group_dot_wait %0 {pendings = 1 : i32} : tensor<...>\n"
+             "%2 = ttng.warp_group_dot_wait %1 {pendings = 0 : i32} : tensor<...>")
+    assert mlp_aot.wgmma_waits(ttgir) == [1, 0]
 
 
 def test_fused_limit_is_128_for_every_dtype_class_and_gpu():
