@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmlp import activations, backend
+from fastmlp import activations, backend, ops
 
 __all__ = ["FusedMLP", "fuse_sequentials", "use_path", "PATHS"]
 
@@ -164,17 +164,10 @@ def _check_same(x, weights, biases) -> None:
 
 
 def _autocast(x, weights, biases):
-    """Cast like nn.Linear under autocast: fp16/bf16/fp32 tensors go to the autocast dtype."""
-    device_type = x.device.type
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    """Cast like nn.Linear under autocast (the cast fastmlp.ops.autocast_caster gives)."""
+    cast = ops.autocast_caster(x.device.type)
+    if cast is None:
         return x, weights, biases
-    dtype = torch.get_autocast_dtype(device_type)
-
-    def cast(t):
-        if t is None or t.dtype == dtype or t.dtype == torch.float64 or not t.is_floating_point():
-            return t
-        return t.to(dtype)
-
     return cast(x), [cast(w) for w in weights], [cast(b) for b in biases]
 
 
