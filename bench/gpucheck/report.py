@@ -121,7 +121,8 @@ def _config(cfg) -> str:
     return str(cfg)
 
 
-def _load(path: str) -> Optional[dict]:
+def load_json(path: str) -> Optional[dict]:
+    """A stage's JSON file, or None if it is missing or cut short (a killed stage)."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -196,7 +197,7 @@ def summary_markdown(summary: dict, out: str) -> str:
     sections = (("correctness", "Correctness on silicon", "correctness.json", correctness_markdown),
                 ("headline", "Headline figures", "headline.json", headline_markdown))
     for name, title, filename, render in sections:
-        data = _load(os.path.join(out, filename))
+        data = load_json(os.path.join(out, filename))
         if data is not None:
             lines += [f"## {title} (`{filename}`)", ""] + render(data) + [""]
     by_name = {s["name"]: s for s in summary["stages"]}

@@ -8,7 +8,6 @@ left on disk as much as from exit codes: a stage that exits 0 but wrote an incom
 not "ok". No torch here (the orchestrator must stay light); every stage is a subprocess.
 """
 
-import json
 import os
 import re
 import shlex
@@ -25,14 +24,6 @@ def _status(outcome, ok: bool) -> str:
     if outcome.timed_out:
         return "timeout"
     return "ok" if ok else "fail"
-
-
-def _load(path: str) -> Optional[dict]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def _entry(outcome, status: str, files: List[str], figures: dict, reason: Optional[str] = None,
@@ -58,7 +49,7 @@ def correctness(check, timeout: float) -> dict:
     # One tile config per kernel (the default): correctness of the default path on every shape,
     # without spending the stage on timing candidates (the headline stage autotunes).
     outcome = check.command("correctness", cmd, timeout, {"FASTMLP_AUTOTUNE": "0"})
-    data = _load(path)
+    data = report.load_json(path)
     figures = {}
     if data is not None:
         rows = data.get("rows", [])
@@ -90,7 +81,7 @@ def headline(check, timeout: float) -> dict:
     if check.tiny:
         cmd.append("--tiny")
     outcome = check.command("headline", cmd, timeout, {})
-    data = _load(path)
+    data = report.load_json(path)
     figures = {}
     if data is not None:
         rows = []
@@ -289,7 +280,7 @@ def bench(check, timeout: float) -> dict:
     cmd += shlex.split(check.args.bench_args or "")
     outcome = check.command("bench", cmd, timeout, {})
     tarball = os.path.join(check.out, FILES["bench"])
-    results = _load(os.path.join(report_dir, "results.json"))
+    results = report.load_json(os.path.join(report_dir, "results.json"))
     if os.path.isdir(report_dir):
         with open(os.path.join(report_dir, "bench.log"), "w") as f:
             f.write("\n".join(check.section_lines("bench")) + "\n")
