@@ -9,7 +9,7 @@ import triton.language as tl
 from fastmlp import activations
 from fastmlp import functional as F
 from fastmlp.kernels import debug, linear_act as kernels
-from reference import TOLERANCE, assert_close, reference
+from reference import assert_close, reference
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
 

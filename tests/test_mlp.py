@@ -578,7 +578,7 @@ def test_dispatcher_times_what_the_call_runs(triton_backend, monkeypatch):
 
     backwards, devices = [], []
     current = []
-    real_grad, real_guard = torch.autograd.grad, launch.device_guard
+    real_grad = torch.autograd.grad
 
     def fake_bench(fn, warmup=0, rep=0, **kwargs):
         devices.append(list(current))
