@@ -301,6 +301,12 @@ class Check:
             return None
         return getattr(self.args, f"{name}_budget")
 
+    def _skip(self, entry: dict, name: str, timeout: float, reason: str) -> None:
+        """Record a stage as skipped for lack of time (never started), with its reason."""
+        entry.update(status="skipped", budget_s=max(0.0, timeout), reason=reason)
+        self.note(f"stage {name}: skipped ({reason})")
+        self.write_summary()
+
     def run_stage(self, name: str) -> None:
         entry = self.stage(name)
         budget = self.budget_for(name)
@@ -308,20 +314,14 @@ class Check:
         if name == "bench":
             timeout = left - plan.PACK_RESERVE_S
             if timeout < self.args.bench_min:
-                entry.update(status="skipped", budget_s=max(0.0, timeout),
-                             reason=f"{max(0.0, timeout):.0f} s left, under --bench-min "
-                                    f"{self.args.bench_min:g} s")
-                self.note(f"stage {name}: skipped ({entry['reason']})")
-                self.write_summary()
+                self._skip(entry, name, timeout, f"{max(0.0, timeout):.0f} s left, under "
+                                                 f"--bench-min {self.args.bench_min:g} s")
                 return
         else:
             timeout = min(budget, left)
         if left < MIN_STAGE_S:
-            entry.update(status="skipped", budget_s=max(0.0, timeout),
-                         reason=f"no time left ({max(0.0, left):.0f} s of the {self.args.budget:g} s "
-                                f"budget)")
-            self.note(f"stage {name}: skipped ({entry['reason']})")
-            self.write_summary()
+            self._skip(entry, name, timeout, f"no time left ({max(0.0, left):.0f} s of the "
+                                             f"{self.args.budget:g} s budget)")
             return
         entry.update(status="running", budget_s=timeout)
         self.write_summary()
