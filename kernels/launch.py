@@ -17,6 +17,13 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.lru_cache(maxsize=None)
+def capability(device: torch.device):
+    """(major, minor) compute capability of a CUDA device, (0, 0) for any other device; cached
+    (the launchers key their tile tables and autotuner entries on it)."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+
+
 def device_guard(device: torch.device):
     """A context that makes `device` current for the launch (a no-op when it already is)."""
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():

@@ -39,7 +39,7 @@ import triton.language as tl
 from fastmlp.kernels import tuning
 from fastmlp.kernels.activations import activate, activation_grad
 from fastmlp.kernels.debug import new_output
-from fastmlp.kernels.launch import cdiv, on_first_tensors_device
+from fastmlp.kernels.launch import capability as _capability, cdiv, on_first_tensors_device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,11 +282,6 @@ def _precision(dtype: torch.dtype, allow_tf32: bool):
     precision = "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
     upcast = dtype == torch.bfloat16 and tuning.interpreter_enabled()
     return acc, precision, upcast
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device):
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
 
 
 def _configs_and_key(name, tensor, precision, dims, activation, flags, torch_impl):

@@ -62,7 +62,7 @@ import triton.language as tl
 from fastmlp.kernels import tuning
 from fastmlp.kernels.activations import activate, activation_grad
 from fastmlp.kernels.debug import new_output
-from fastmlp.kernels.launch import cdiv, on_first_tensors_device
+from fastmlp.kernels.launch import capability as _capability, cdiv, on_first_tensors_device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,11 +469,6 @@ def dtype_class(dtype: torch.dtype, allow_tf32: bool) -> str:
     if dtype == torch.float32:
         return "tf32" if allow_tf32 else "ieee"
     return "fp64"
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> Tuple[int, int]:
-    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
 
 
 # The shared memory a block may opt in to on the GPUs the tables were compiled and checked for
