@@ -6,9 +6,14 @@ import, when no CUDA device is present. Fixtures:
   triton_backend  forces fastmlp's Triton kernels for the test (interpreter on CPU) and poisons
                   every kernel output with NaN before launch, so an unwritten element fails
   torch_backend   forces the torch implementation for the test
+
+Every test starts from torch's global RNG (and Python's `random`) seeded with a digest of its
+own id (reference.case_seed), so a test that draws without seeding gets the same inputs in every
+process, whatever ran before it (xdist, -k, PYTHONHASHSEED); a failure report shows the seed.
 """
 
 import os
+import random
 import sys
 
 import pytest
@@ -22,6 +27,7 @@ if "triton" not in sys.modules:
 import torch  # noqa: E402
 
 import fastmlp  # noqa: E402
+from reference import case_seed  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -32,6 +38,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed_from_the_test_id(request):
+    seed = case_seed(request.node.nodeid)
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed:
+        report.sections.append(
+            ("seed", f"torch.manual_seed({case_seed(item.nodeid)}), from case_seed({item.nodeid!r})"))
 
 
 @pytest.fixture
