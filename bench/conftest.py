@@ -1,7 +1,8 @@
 """pytest-benchmark configuration for `pytest bench --benchmark-only`.
 
 Parametrises every test that takes `bench_case_variant` with the shared catalogue (bench.cases)
-for the device at hand, filtered by the module's KINDS. Options:
+for the device at hand, filtered by the module's KINDS (and WORKLOADS, where a module names
+them: one file per operator or network). Options:
   --bench-full          every workload and precision for the device (as python -m bench --full)
   --bench-tiny          toy sizes (a smoke run of the suite itself)
   --bench-no-compile    skip torch.compile baselines
@@ -57,9 +58,10 @@ def pytest_generate_tests(metafunc):
         return
     opts = _options(metafunc.config)
     kinds = getattr(metafunc.module, "KINDS", ())
+    workloads = getattr(metafunc.module, "WORKLOADS", None)
     params, ids = [], []
     for case in select_cases(opts):
-        if case.kind in kinds:
+        if case.kind in kinds and (workloads is None or case.workload in workloads):
             for variant in variants_for(case, opts):
                 params.append((case, variant))
                 ids.append(f"{case.id}|{variant}")

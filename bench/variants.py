@@ -5,11 +5,13 @@ inputs) and differs only in how it computes:
 
   eager                 nn.Linear + the activation module (nn.ReLU, ...), as users write it
   fastmlp               fastmlp.fuse(...) of that model: FusedLinear layers
-  cublaslt-epilogue     torch._addmm_activation (cuBLASLt's bias+ReLU epilogue) forward; it has no
-                        autograd formula, so its backward is plain torch ops (mask, 2 mm, sum).
-                        Also tanh-GELU (use_gelu=True), forward only: it saves no pre-activation,
-                        so it cannot train. No other activation has an epilogue. (On CPU torch
-                        computes erf-GELU there: its parity mark against tanh-GELU shows it.)
+  cublaslt-epilogue     torch._addmm_activation: cuBLASLt's bias + activation epilogue, for the
+                        activations whose row in fastmlp/activations.py names one (``epilogue``:
+                        ReLU; tanh-GELU, use_gelu=True). It has no autograd formula: ReLU, which
+                        saves its output, trains with plain torch ops for the backward (mask,
+                        2 mm, sum); tanh-GELU runs forward only (it saves no pre-activation, so it
+                        cannot train). (On CPU torch computes erf-GELU there: its parity mark
+                        against tanh-GELU shows it.)
   compile               torch.compile(model, fullgraph=True, dynamic=False)
   compile-max-autotune  the same with mode="max-autotune" (long compiles: opt-in)
 
@@ -28,6 +30,7 @@ from torch import nn
 
 import fastmlp
 from bench.cases import Case
+from fastmlp import activations
 
 TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16,
                 "bf16": torch.bfloat16}
@@ -94,23 +97,33 @@ class EpilogueLinearGELUTanh(nn.Linear):
         return torch._addmm_activation(self.bias, input, self.weight.t(), use_gelu=True)
 
 
+# One module per cuBLASLt epilogue kind (an activation row's ``epilogue``).
+_EPILOGUE_MODULES = {"relu": EpilogueLinearReLU, "gelu": EpilogueLinearGELUTanh}
+
+
 def _epilogue_for(act: nn.Module):
-    if type(act) is nn.ReLU:
-        return EpilogueLinearReLU
-    if type(act) is nn.GELU and act.approximate == "tanh":
-        return EpilogueLinearGELUTanh
-    return None
+    found = activations.from_module(act)
+    return _EPILOGUE_MODULES.get(activations.get(found[0]).epilogue) if found else None
 
 
 def activation_module(name: str) -> nn.Module:
-    """The torch module a user writes for one of the bench's activations."""
-    return {"relu": nn.ReLU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "gelu": nn.GELU,
-            "silu": nn.SiLU}[name]()
+    """The torch module a user writes for one of the bench's activations (its default
+    parameter)."""
+    row = activations.get(name)
+    return row.new_module(row.default_alpha)
+
+
+def _epilogue_runs(case: Case) -> bool:
+    """Whether the cuBLASLt epilogue can run the case: the activation has one, and trains with it
+    only if its backward reads the output (the epilogue keeps nothing else)."""
+    row = activations.get(case.activation)
+    return row.epilogue is not None and (case.pass_ == "fwd"
+                                         or row.saves(row.default_alpha) == "output")
 
 
 def applies(case: Case, name: str) -> bool:
-    """Whether variant `name` can run `case`: the cuBLASLt epilogue exists for ReLU (forward
-    and backward) and tanh-GELU (forward) only. Narrow-MLP rows ("narrow" tag): fastmlp is
+    """Whether variant `name` can run `case`: the cuBLASLt epilogue exists for the activations
+    whose row names one (_epilogue_runs). Narrow-MLP rows ("narrow" tag): fastmlp is
     FusedMLP (its dispatcher's pick), fastmlp-fused its fully fused path forced, fastmlp-per-layer
     fastmlp.fuse's per-layer kernels; the seed model also times FusedMLP, as fastmlp-mlp."""
     narrow = "narrow" in case.tags
@@ -119,13 +132,13 @@ def applies(case: Case, name: str) -> bool:
     if name == "fastmlp-mlp":
         return case.kind == "model" and not narrow
     if name == "cublaslt-epilogue":
-        return case.activation == "relu" or (case.activation == "gelu_tanh" and case.pass_ == "fwd")
+        return _epilogue_runs(case)
     return True
 
 
 def epilogue_fuse(model: nn.Sequential) -> nn.Sequential:
-    """Replace each nn.Linear → nn.ReLU (or → nn.GELU(approximate="tanh")) pair with its
-    epilogue module (shared parameters)."""
+    """Replace each nn.Linear → activation pair whose activation has a cuBLASLt epilogue (nn.ReLU,
+    nn.GELU(approximate="tanh")) with its epilogue module (shared parameters)."""
     mods = list(model)
     out, i = [], 0
     while i < len(mods):
@@ -188,8 +201,8 @@ def build_model(name: str, reference: nn.Sequential) -> nn.Module:
 
 
 def make_optimizer(name: str, params):
-    """fastmlp.SGD for the fastmlp variant once it exists, else (and for baselines) torch.optim.SGD."""
-    if name.startswith("fastmlp") and hasattr(fastmlp, "SGD"):
+    """fastmlp.SGD for the fastmlp variants, torch.optim.SGD for the baselines."""
+    if name.startswith("fastmlp"):
         return fastmlp.SGD(params, lr=SEED_LR), "fastmlp.SGD"
     return torch.optim.SGD(params, lr=SEED_LR), "torch.optim.SGD"
 

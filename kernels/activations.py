@@ -1,200 +1,135 @@
-"""The activations' jit functions: each forward, each derivative, and the two dispatchers.
+"""The kernels' activation table: one row per activation, every fact the kernels' side needs.
 
-The kernels take the activation as a constexpr name (``ACTIVATION: tl.constexpr``, as in Triton's
-tutorial 03) plus one constexpr parameter ``ALPHA`` (leaky_relu's negative slope, 0 for the rest)
-and call :func:`activate` on the fp32 accumulator and :func:`activation_grad` on each gradient
-tile as it is loaded. Adding an activation: a forward and a derivative here, one branch in each
-dispatcher, and its row in ``fastmlp/activations.py`` (the table that says what it saves and how
-torch computes it).
+A row says, for one activation:
 
-Each formula is the one torch's CUDA kernels use (aten's GeluCUDAKernelImpl, silu, sigmoid and
-tanh backward, threshold_backward, leaky_relu_backward), computed in fp32 for 16-bit and fp32
-inputs and in fp64 for fp64 inputs, so values at 0, NaN and ±inf come out as torch's do.
+* ``name``: the public name (``fastmlp.ACTIVATIONS``; fastmlp/activations.py adds the torch side
+  of the same row);
+* ``saves(alpha)``: what its derivative reads, the one tensor backward keeps besides X and W:
+  ``"output"`` (Y, which the layer returns anyway), ``"preact"`` (the pre-activation Z, which the
+  forward kernels then write as a second output) or ``"nothing"``;
+* ``derivative``: ``"select"`` (a comparison and a select, or a multiply by a constant: no
+  temporaries beyond the tile itself) or ``"math"`` (transcendental or polynomial math in fp32).
+  The fused MLP's tile tables (kernels/configs.py) give "math" activations smaller tiles where
+  the default ones spill;
+* ``fused_backward_from``: the first GPU generation (compute capability major x 10) whose
+  per-layer dX and dW + db kernels take this activation; before it those GEMMs run as torch's
+  backward op and cuBLAS (kernels/configs.py), because the compiled kernels need more registers
+  than the GPU has (bench/NOTES.md). Its forward is fused everywhere;
+* ``default_alpha``: the activation parameter a name alone means (leaky_relu's negative slope,
+  nn.LeakyReLU's default; 0 for the rest): what the ahead-of-time checks compile and the GPU
+  check runs;
+* ``jit_module``: the module holding its jit forward ``<name>(z, ALPHA)`` and derivative
+  ``<name>_grad(g, saved, ALPHA)`` (kernels/activation_jit.py for every shipped row), or None
+  for an activation that applies nothing ("none").
 
-`saved` in a derivative is what ``fastmlp/activations.py`` says the activation saves: the output Y
-(relu, leaky_relu with a positive slope, sigmoid, tanh) or the pre-activation Z (gelu, gelu_tanh,
-silu, leaky_relu with a slope <= 0: its output no longer tells the sign of Z).
+This module imports neither triton nor fastmlp: fastmlp's own table (fastmlp/activations.py,
+imported with ``import fastmlp``) builds on it, and importing triton is slow (bench/NOTES.md).
+``register`` adds a row at run time (tests, experiments): such a row is usable by name
+everywhere the kernels are, but is not one of the shipped ``ACTIVATIONS``.
 """
 
-import triton
-import triton.language as tl
-from triton.language.extra import libdevice
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
 
-from fastmlp.kernels.tuning import interpreter_enabled
-
-# Triton's interpreter has no libdevice (its tanh is an empty stub there): under it, and only
-# there, tanh is formed from exp.
-_TANH_FROM_EXP = tl.constexpr(interpreter_enabled())
-
-_SQRT1_2 = tl.constexpr(0.7071067811865476)        # 1/sqrt(2)
-_GELU_PDF = tl.constexpr(0.3989422804014327)       # 1/sqrt(2 pi) = M_2_SQRTPI * M_SQRT1_2 * 0.5
-_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # M_SQRT2 * M_2_SQRTPI * 0.5
-_GELU_KAPPA = tl.constexpr(0.044715)
+SELECT, MATH = "select", "math"
+JIT_MODULE = "fastmlp.kernels.activation_jit"
 
 
-@triton.jit
-def _opmath(x):
-    """x in the precision torch computes pointwise ops in: fp64 stays fp64, the rest go to fp32."""
-    if x.dtype == tl.float64:
-        return x
-    else:
-        return x.to(tl.float32)
+@dataclass(frozen=True)
+class KernelActivation:
+    name: str
+    saves: Callable[[float], str]
+    derivative: str
+    fused_backward_from: int = 80
+    default_alpha: float = 0.0
+    jit_module: Optional[str] = JIT_MODULE
+
+    def __post_init__(self):
+        if self.derivative not in (SELECT, MATH):
+            raise ValueError(f"activation {self.name!r}: derivative must be {SELECT!r} or "
+                             f"{MATH!r}, got {self.derivative!r}")
+        if self.saves(self.default_alpha) not in ("output", "preact", "nothing"):
+            raise ValueError(f"activation {self.name!r}: saves() must give 'output', 'preact' "
+                             f"or 'nothing'")
+
+    def fuses_backward_on(self, capability: Tuple[int, int]) -> bool:
+        """Whether the per-layer dX and dW + db kernels take this activation on a GPU of
+        `capability` (major, minor)."""
+        return capability[0] * 10 >= self.fused_backward_from
 
 
-@triton.jit
-def _tanh_from_exp(x):
-    """tanh(x) from one exp, exact at 0 and ±inf, NaN kept; within a few ulps of 1 in absolute
-    terms (not relative: tanh of a tiny x comes out with an absolute error of ~1e-7)."""
-    t = tl.exp(-2.0 * tl.abs(x))
-    r = (1.0 - t) / (1.0 + t)
-    return tl.where(x < 0, -r, r)
+def _always(what: str) -> Callable[[float], str]:
+    return lambda alpha: what
 
 
-@triton.jit
-def _tanh(x):
-    if _TANH_FROM_EXP:
-        return _tanh_from_exp(x)
-    else:
-        return libdevice.tanh(x)
+_ROWS = (
+    KernelActivation("relu", saves=_always("output"), derivative=SELECT),
+    # With a positive slope Y > 0 exactly where Z > 0, so Y tells the derivative; with a slope
+    # <= 0 it no longer tells the sign of Z.
+    KernelActivation("leaky_relu", saves=lambda a: "output" if a > 0 else "preact",
+                     derivative=SELECT, default_alpha=0.01),
+    KernelActivation("gelu", saves=_always("preact"), derivative=MATH, fused_backward_from=90),
+    KernelActivation("gelu_tanh", saves=_always("preact"), derivative=MATH, fused_backward_from=90),
+    KernelActivation("silu", saves=_always("preact"), derivative=MATH, fused_backward_from=90),
+    KernelActivation("sigmoid", saves=_always("output"), derivative=MATH),
+    KernelActivation("tanh", saves=_always("output"), derivative=MATH),
+    KernelActivation("none", saves=_always("nothing"), derivative=SELECT, jit_module=None),
+)
+
+TABLE: Dict[str, KernelActivation] = {row.name: row for row in _ROWS}
+ACTIVATIONS = tuple(TABLE)   # the shipped rows, in table order
 
 
-# ---- forwards (z: the fp32/fp64 accumulator with the bias added) ------------------------------
-@triton.jit
-def relu(z):
-    # where(z < 0, 0, z), not maximum(z, 0): max.f32 on the GPU drops NaN, torch keeps it.
-    return tl.where(z < 0, 0.0, z)
+def get(name: str) -> KernelActivation:
+    """The row for `name` (a ValueError naming the choices otherwise)."""
+    try:
+        return TABLE[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"fastmlp: unknown activation {name!r}; expected one of {names()}") from None
 
 
-@triton.jit
-def leaky_relu(z, ALPHA: tl.constexpr):
-    return tl.where(z > 0, z, z * ALPHA)
+def names() -> Tuple[str, ...]:
+    """Every row's name, the shipped ones first, then those registered at run time."""
+    return tuple(TABLE)
 
 
-@triton.jit
-def gelu(z):
-    return z * 0.5 * (1.0 + tl.erf(z * _SQRT1_2))
+def register(row: KernelActivation) -> KernelActivation:
+    """Add a row (its jit functions must exist in ``row.jit_module``); a ValueError if the name
+    is taken."""
+    return add_row(TABLE, row)
 
 
-@triton.jit
-def gelu_tanh(z):
-    # GELU adds tanh to 1, so an absolute error of ~1e-7 is all that reaches its result (the
-    # same as libdevice's tanh after that addition); libdevice's tanh costs ~80 registers more
-    # per thread in the backward kernels, enough to spill on most tile configs.
-    inner = _SQRT_2_OVER_PI * (z + _GELU_KAPPA * z * z * z)
-    return 0.5 * z * (1.0 + _tanh_from_exp(inner))
+def unregister(name: str) -> None:
+    """Remove a row added by ``register`` (the shipped rows stay)."""
+    remove_row(TABLE, ACTIVATIONS, name)
 
 
-@triton.jit
-def silu(z):
-    return z / (1.0 + tl.exp(-z))
+def add_row(table: dict, row):
+    """table[row.name] = row, refused if the name is taken (this table's and fastmlp's
+    activations.register)."""
+    if row.name in table:
+        raise ValueError(f"fastmlp: activation {row.name!r} is already in the table")
+    table[row.name] = row
+    return row
 
 
-@triton.jit
-def sigmoid(z):
-    return 1.0 / (1.0 + tl.exp(-z))
+def remove_row(table: dict, shipped: Tuple[str, ...], name: str) -> None:
+    """Drop a row added at run time from table; the shipped rows cannot be removed."""
+    if name in shipped:
+        raise ValueError(f"fastmlp: {name!r} is a shipped activation")
+    table.pop(name, None)
 
 
-@triton.jit
-def tanh(z):
-    return _tanh(z)
+# The jit functions this module held before they moved to activation_jit.py (whose import needs
+# triton, which this table must not): still reachable here, loaded on first use.
+_MOVED_TO_JIT = ("activate", "activation_grad", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu",
+                 "sigmoid", "tanh", "relu_grad", "leaky_relu_grad", "gelu_grad", "gelu_tanh_grad",
+                 "silu_grad", "sigmoid_grad", "tanh_grad")
 
 
-# ---- derivatives: dL/dZ from g = dL/dY and the saved tensor (both upcast) ---------------------
-@triton.jit
-def relu_grad(g, y):
-    # threshold_backward(g, y, 0): 0 where y <= 0 (z exactly 0 included); NaN y lets g pass.
-    return tl.where(y <= 0, 0.0, g)
+def __getattr__(name: str):
+    if name in _MOVED_TO_JIT:
+        import importlib
 
-
-@triton.jit
-def leaky_relu_grad(g, saved, ALPHA: tl.constexpr):
-    return tl.where(saved > 0, g, g * ALPHA)
-
-
-@triton.jit
-def gelu_grad(g, z):
-    cdf = 0.5 * (1.0 + tl.erf(z * _SQRT1_2))
-    pdf = tl.exp(-0.5 * z * z) * _GELU_PDF
-    return g * (cdf + z * pdf)
-
-
-@triton.jit
-def gelu_tanh_grad(g, z):
-    z_sq = z * z
-    inner = _SQRT_2_OVER_PI * (z + _GELU_KAPPA * z_sq * z)
-    tanh_inner = _tanh_from_exp(inner)  # see gelu_tanh
-    left = 0.5 * z
-    right = 1.0 + tanh_inner
-    left_derivative = 0.5 * right
-    right_derivative = left * (1.0 - tanh_inner * tanh_inner) * (_SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_KAPPA * z_sq))
-    return g * (left_derivative + right_derivative)
-
-
-@triton.jit
-def silu_grad(g, z):
-    s = 1.0 / (1.0 + tl.exp(-z))
-    return g * s * (1.0 + z * (1.0 - s))
-
-
-@triton.jit
-def sigmoid_grad(g, y):
-    return g * (1.0 - y) * y
-
-
-@triton.jit
-def tanh_grad(g, y):
-    return g * (1.0 - y * y)
-
-
-# ---- dispatchers ------------------------------------------------------------------------------
-@triton.jit
-def activate(z, ACTIVATION: tl.constexpr, ALPHA: tl.constexpr):
-    """The activation named ACTIVATION applied to z (same dtype in and out; "none": z)."""
-    if ACTIVATION == "relu":
-        z = relu(z)
-    elif ACTIVATION == "leaky_relu":
-        z = leaky_relu(z, ALPHA)
-    elif ACTIVATION == "gelu":
-        z = gelu(z)
-    elif ACTIVATION == "gelu_tanh":
-        z = gelu_tanh(z)
-    elif ACTIVATION == "silu":
-        z = silu(z)
-    elif ACTIVATION == "sigmoid":
-        z = sigmoid(z)
-    elif ACTIVATION == "tanh":
-        z = tanh(z)
-    else:
-        tl.static_assert(ACTIVATION == "none", "unknown activation")
-    return z
-
-
-@triton.jit
-def activation_grad(g, saved, ACTIVATION: tl.constexpr, ALPHA: tl.constexpr):
-    """dL/dZ for a loaded tile g = dL/dY, in g's dtype (what the next tl.dot takes).
-
-    ReLU is a pure select and stays in g's dtype; the others compute in fp32 (fp64 for fp64)
-    and round once, as torch's backward ops do before the matmul reads their result.
-    """
-    if ACTIVATION == "relu":
-        out = relu_grad(g, saved)
-    elif ACTIVATION == "none":
-        out = g
-    else:
-        gf = _opmath(g)
-        sf = _opmath(saved)
-        if ACTIVATION == "leaky_relu":
-            d = leaky_relu_grad(gf, sf, ALPHA)
-        elif ACTIVATION == "gelu":
-            d = gelu_grad(gf, sf)
-        elif ACTIVATION == "gelu_tanh":
-            d = gelu_tanh_grad(gf, sf)
-        elif ACTIVATION == "silu":
-            d = silu_grad(gf, sf)
-        elif ACTIVATION == "sigmoid":
-            d = sigmoid_grad(gf, sf)
-        else:
-            tl.static_assert(ACTIVATION == "tanh", "unknown activation")
-            d = tanh_grad(gf, sf)
-        out = d.to(g.dtype)
-    return out
+        return getattr(importlib.import_module(JIT_MODULE), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,8 +7,10 @@ reports show the register count, spill bytes, shared memory, and whether the SAS
 warpgroup MMA (HGMMA). The compile mirrors a real launch on contiguous, 16-byte-aligned tensors:
 unit strides are constexpr 1 (Triton specialises them that way) and the rest divisible by 16.
 
-The matrix is every activation (read from kernels/activations.py) x kernel (forward, forward
-storing Z, dX, dW + db) x shipped config, plus the split dW's reduction and the SGD kernel.
+The matrix is every activation (the rows of kernels/activations.py, each compiled with its
+``default_alpha``) x kernel (forward, forward storing Z, dX, dW + db) x shipped config
+(kernels/configs.py), less the backward kernels a row does not fuse on a GPU generation
+(``fused_backward_from``), plus the split dW's reduction and the SGD kernel.
 Besides registers and spills, each report carries what only the compiled code shows: the
 pending counts of the wgmma waits in the TTGIR (a 0 inside a K loop makes the MMAs synchronous),
 ptxas's C7515 advisory (wgmma serialised), and the number of NaN-dropping float min/max
@@ -31,9 +33,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fastmlp.kernels import activations, linear_act, tuning
-
-# Shared memory a block may use (bytes): A100 (sm_80) and H100 (sm_90).
-SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+from fastmlp.kernels.activation_jit import forward_of, grad_of
+from fastmlp.kernels.configs import SHARED_MEMORY_LIMIT  # noqa: F401  (the tests' limit)
 
 _TL_TYPES = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}
 
@@ -71,37 +72,25 @@ def _ptxas(arch: int) -> str:
         return _tool("ptxas")
 
 
-# The activations the kernels know: every jit forward in kernels/activations.py that has its
-# derivative beside it (relu / relu_grad, ...), plus "none". Read from that module so that a new
-# activation joins the compile checks without an edit here (kernels never import fastmlp).
-def _activation_names():
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
+# The shipped activations (kernels/activations.py); rows registered at run time join the
+# matrix too (shipped_cases reads the table when called).
+ACTIVATIONS = activations.ACTIVATIONS
 
-    def is_jit(fn):  # under TRITON_INTERPRET=1 (the test suite) triton.jit gives the other class
-        return isinstance(fn, (JITFunction, InterpretedFunction))
-
-    names = vars(activations)
-    found = [name for name, fn in names.items() if is_jit(fn) and is_jit(names.get(f"{name}_grad"))]
-    return tuple(found) + ("none",)
-
-
-ACTIVATIONS = _activation_names()
-# The one activation parameter, for activations that take one: a slope that saves Y in training.
-_ALPHA = {"leaky_relu": 0.01}
-
-# Per kernel: which block-size constexprs take the config's (rows, cols, reduction), and which
-# stride arguments are 1 for contiguous operands. "forward_z" is the training forward of the
-# activations whose backward reads the pre-activation (it stores Z as well: the heavier epilogue).
+# Per kernel: which block-size constexprs take the config's (rows, cols, reduction), which
+# stride arguments are 1 for contiguous operands, and which constexpr takes the activation's jit
+# forward (ACTIVATION) or derivative (ACTIVATION_GRAD). "forward_z" is the training forward of
+# the activations whose backward reads the pre-activation (it stores Z as well: the heavier
+# epilogue).
 _FORWARD = (linear_act.linear_act_fwd_kernel, ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
             ("stride_xk", "stride_wk", "stride_b", "stride_yn"))
 _KERNELS = {
-    "forward": _FORWARD + (dict(HAS_BIAS=True, SAVE_PREACT=False),),
-    "forward_z": _FORWARD + (dict(HAS_BIAS=True, SAVE_PREACT=True),),
+    "forward": _FORWARD + (dict(HAS_BIAS=True, SAVE_PREACT=False), ("ACTIVATION", forward_of)),
+    "forward_z": _FORWARD + (dict(HAS_BIAS=True, SAVE_PREACT=True), ("ACTIVATION", forward_of)),
     "grad_input": (linear_act.linear_act_grad_input_kernel, ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
-                   ("stride_gn", "stride_wk", "stride_dxk"), dict()),
+                   ("stride_gn", "stride_wk", "stride_dxk"), dict(), ("ACTIVATION_GRAD", grad_of)),
     "grad_weight": (linear_act.linear_act_grad_weight_kernel, ("BLOCK_N", "BLOCK_K", "BLOCK_M"),
-                    ("stride_gn", "stride_xk", "stride_dwk"), dict(COMPUTE_DW=True, COMPUTE_DB=True)),
+                    ("stride_gn", "stride_xk", "stride_dwk"), dict(COMPUTE_DW=True, COMPUTE_DB=True),
+                    ("ACTIVATION_GRAD", grad_of)),
 }
 
 
@@ -113,10 +102,11 @@ _UNSPECIALIZED = {"forward": ("M",), "forward_z": ("M",), "grad_input": ("M",), 
 def compile_config(kernel: str, arch: int, dtype: str, precision: str,
                    config: tuning.TileConfig, activation: str = "relu") -> CompileReport:
     """Compile one kernel with one config and activation for sm_<arch>; read the compiler's reports."""
-    fn, block_names, unit_strides, flags = _KERNELS[kernel]
-    constexprs = dict(flags, ACTIVATION=activation, ALPHA=_ALPHA.get(activation, 0.0),
+    fn, block_names, unit_strides, flags, (activation_arg, jit_function) = _KERNELS[kernel]
+    constexprs = dict(flags, ALPHA=activations.get(activation).default_alpha,
                       ACC_DTYPE=tl.float32, DOT_PRECISION=precision, UPCAST=False,
                       OFFSET_DTYPE=tl.int32, GROUP=config.group)
+    constexprs[activation_arg] = jit_function(activation)
     constexprs.update(zip(block_names, (config.block_rows, config.block_cols, config.block_red)))
     constexprs.update({name: 1 for name in unit_strides})
     signature, attrs = {}, {}
@@ -132,6 +122,23 @@ def compile_config(kernel: str, arch: int, dtype: str, precision: str,
                               options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     report = _read_reports(compiled, arch)
     return CompileReport(kernel, arch, dtype, precision, config, *report, activation=activation)
+
+
+# max.f32 / min.f32 (any .ftz/.xorsign; f16, f64, packed f16x2/bf16x2 too) return the other
+# operand for NaN: a ReLU written as max(z, 0) maps NaN to 0. Their .NaN forms propagate NaN.
+_FLOAT_MINMAX = re.compile(r"\b(?:max|min)(?!\.NaN)(?:\.(?!NaN)\w+)*\.(?:f16x2|bf16x2|f16|bf16|f32|f64)\b")
+_WGMMA_WAIT = re.compile(r"warp_group_dot_wait\b[^\n]*pendings = (\d+)")
+
+
+def float_minmax_count(ptx: str) -> int:
+    """NaN-dropping float min/max instructions in a PTX text."""
+    return len(_FLOAT_MINMAX.findall(ptx))
+
+
+def wgmma_waits(ttgir: str) -> List[int]:
+    """Each wgmma wait in the TTGIR, in program order: how many wgmma groups may stay in flight
+    (inside a K loop a 0 makes every MMA wait for the previous one: synchronous)."""
+    return [int(n) for n in _WGMMA_WAIT.findall(ttgir)]
 
 
 def _read_reports(compiled, arch: int):
@@ -156,15 +163,10 @@ def _read_reports(compiled, arch: int):
     stack = int(re.search(r"(\d+) bytes stack frame", ptxas).group(1))
     ptx_text = compiled.asm["ptx"]
     wide_loads = len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.", ptx_text))
-    # Each wgmma wait in the TTGIR, in program order: how many wgmma groups may stay in flight.
-    # Inside a K loop a 0 would make every MMA wait for the previous one (synchronous).
-    waits = [int(n) for n in re.findall(r"warp_group_dot_wait\b[^\n]*pendings = (\d+)",
-                                        compiled.asm["ttgir"])]
+    waits = wgmma_waits(compiled.asm["ttgir"])
     # ptxas's advisory when it had to serialise wgmma (e.g. registers it could not keep live).
     serialised = "wgmma.mma_async instructions are serialized" in ptxas
-    # max.f32 / min.f32 (any .ftz/.xorsign) return the other operand for NaN: a ReLU written as
-    # max(z, 0) would map NaN to 0. Their .NaN forms propagate NaN and are fine.
-    float_minmax = len(re.findall(r"\b(?:max|min)(?!\.NaN)(?:\.(?!NaN)\w+)*\.f(?:16|32|64)\b", ptx_text))
+    float_minmax = float_minmax_count(ptx_text)
     return (registers, spills, stack, compiled.metadata.shared, len(re.findall(r"\bHGMMA\b", sass)),
             wide_loads, waits, serialised, float_minmax)
 
@@ -180,10 +182,13 @@ def _largest(configs):
     return max(configs, key=lambda c: (c.block_rows * c.block_cols * c.block_red, c.num_warps, c.num_stages))
 
 
-def shipped_cases(activation_names=ACTIVATIONS, kernels=tuple(_KERNELS), configs="all",
+def shipped_cases(activation_names=None, kernels=tuple(_KERNELS), configs="all",
                   dtypes=("fp16", "bf16", "fp32")):
     """(kernel, arch, dtype, precision, config, activation) for every config a GPU launch may
-    pick; configs="ends" keeps only the default and the largest config of each list."""
+    pick, for `activation_names` (default: every row of the table); configs="ends" keeps only
+    the default and the largest config of each list."""
+    if activation_names is None:
+        activation_names = activations.names()
     lists = tuning.all_shipped_configs()
     for list_name, arch, plan_dtypes, precision in _PLANS:
         chosen = lists[list_name]
@@ -192,10 +197,11 @@ def shipped_cases(activation_names=ACTIVATIONS, kernels=tuple(_KERNELS), configs
         for config in chosen:
             for dtype in (d for d in plan_dtypes if d in dtypes):
                 for activation in activation_names:
+                    row = activations.get(activation)
                     for kernel in kernels:
-                        if arch < 90 and kernel in ("grad_input", "grad_weight") and \
-                                activation in tuning.TORCH_BACKWARD_BEFORE_SM90:
-                            continue   # not shipped: TORCH_GEMM runs these (kernels/tuning.py)
+                        if kernel in ("grad_input", "grad_weight") and \
+                                not row.fuses_backward_on((arch // 10, arch % 10)):
+                            continue   # not shipped: TORCH_GEMM runs these (kernels/configs.py)
                         yield kernel, arch, dtype, precision, config, activation
 
 
@@ -210,7 +216,7 @@ def ci_cases():
     store).
     """
     backward = ("grad_input", "grad_weight")
-    others = tuple(a for a in ACTIVATIONS if a not in ("relu", "gelu_tanh"))
+    others = tuple(a for a in activations.names() if a not in ("relu", "gelu_tanh"))
     return (list(shipped_cases(("relu",), ("forward",) + backward))
             + list(shipped_cases(("gelu_tanh",), ("forward_z",) + backward))
             + list(shipped_cases(others, ("forward_z",) + backward, configs="ends", dtypes=("bf16", "fp32"))))
@@ -300,9 +306,9 @@ def main(argv=None) -> None:
     cases = ci_cases() if args.ci else list(shipped_cases())
     if args.activations:
         wanted = args.activations.split(",")
-        unknown = set(wanted) - set(ACTIVATIONS)
+        unknown = set(wanted) - set(activations.names())
         if unknown:
-            raise SystemExit(f"unknown activations {sorted(unknown)}; known: {ACTIVATIONS}")
+            raise SystemExit(f"unknown activations {sorted(unknown)}; known: {activations.names()}")
         cases = [c for c in cases if c[-1] in wanted]
     reports = compile_all(args.jobs, cases)
     print(f"{'kernel':11} {'activation':10} {'sm':>3} {'dtype':5} {'prec':4} {'rows':>4} {'cols':>4} "

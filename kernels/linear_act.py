@@ -6,14 +6,15 @@ The math (X [M, K], W [N, K] in nn.Linear layout, b [N], G = dL/dY [M, N], act' 
     dX        dX = (G ⊙ act'(S)) W           derivative applied to each G tile as it is loaded
     dW, db    dW = (G ⊙ act'(S))ᵀ X,  db = Σ_rows (G ⊙ act'(S))   same tiles, one kernel
 
-S is the tensor the activation's backward reads (``fastmlp/activations.py`` says which): the
-output Y (relu, sigmoid, tanh, leaky_relu with a positive slope) or the pre-activation Z (gelu,
-gelu_tanh, silu, leaky_relu with a slope <= 0), which the forward then stores as a second output,
-only when asked (SAVE_PREACT). The activations and their derivatives are jit functions in
-``kernels/activations.py`` selected by the ``ACTIVATION`` constexpr: nothing here is specific to
-one activation, and each (activation, dtype, config) compiles to its own kernel.
+S is the tensor the activation's backward reads (its row's ``saves`` in kernels/activations.py):
+the output Y or the pre-activation Z, which the forward then stores as a second output, only when
+asked (SAVE_PREACT). The launchers take activations by name and pass the kernels the row's jit
+forward (``ACTIVATION``) or derivative (``ACTIVATION_GRAD``) from kernels/activation_jit.py as
+constexprs: nothing here is specific to one activation, and each (activation, dtype, config)
+compiles to its own kernel.
 
-Layout of this file: jit helpers, the three kernels, then their launchers. Every kernel takes
+Layout of this file: jit helpers, the three kernels, then their launchers (the jit and launch
+helpers shared with the fused MLP are in kernels/launch.py). Every kernel takes
 arbitrary strides (no copies of transposed or sliced inputs) and forms addresses in int64, so
 tensors past 2**31 elements index correctly. Programs are ordered in groups along the output rows
 so that neighbouring programs reuse the same column tiles while they sit in L2 (Triton tutorial 03).
@@ -30,16 +31,16 @@ computes the same result(s) with torch's own ops. On GPUs it is one more autotun
 path by more than timing noise, and the torch reference implementation exists once, in ops.py.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from fastmlp.kernels import tuning
-from fastmlp.kernels.activations import activate, activation_grad
+from fastmlp.kernels.activation_jit import activate, activation_grad, forward_of, grad_of
 from fastmlp.kernels.debug import new_output
-from fastmlp.kernels.launch import capability as _capability, cdiv, on_first_tensors_device
+from fastmlp.kernels.launch import acc_torch_dtype, capability as _capability, cdiv, in_bounds, mma
+from fastmlp.kernels.launch import multiprocessors as _multiprocessors, offset_dtype as _offset_dtype
+from fastmlp.kernels.launch import on_first_tensors_device, precision as _precision, round_to, tiles
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,29 +58,6 @@ def _grouped_tile(pid, num_row_tiles, num_col_tiles, GROUP: tl.constexpr):
     return row, col
 
 
-@triton.jit
-def _in_bounds(lanes, start, size, BLOCK: tl.constexpr):
-    """Which of a tile's lanes (0..BLOCK-1, from `start`) fall inside `size`: compared in int32
-    although `start` is int64 (the count left is clamped to BLOCK first)."""
-    return lanes < tl.minimum(size - start, BLOCK).to(tl.int32)
-
-
-@triton.jit
-def _tiles(size, BLOCK: tl.constexpr):
-    """cdiv(size, BLOCK) for size >= 1 (the launchers skip empty problems) without forming
-    size + BLOCK - 1, which wraps when size is an int32 within BLOCK of 2**31."""
-    return (size - 1) // BLOCK + 1
-
-
-@triton.jit
-def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc += a @ b. UPCAST is set only under the interpreter, whose bf16 dot is wrong."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
-
-
 # ----------------------------------------------------------------------------------------------
 # Forward: Z = X Wᵀ + b, Y = act(Z)
 # ----------------------------------------------------------------------------------------------
@@ -94,8 +72,9 @@ def linear_act_fwd_kernel(
     OFFSET_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """Z (stored only if SAVE_PREACT) has Y's strides: the launcher allocates both alike."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), _tiles(M, BLOCK_M), _tiles(N, BLOCK_N), GROUP)
+    """ACTIVATION: the activation's jit forward (None: none). Z (stored only if SAVE_PREACT) has
+    Y's strides: the launcher allocates both alike."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tiles(M, BLOCK_M), tiles(N, BLOCK_N), GROUP)
     # Where this program's tiles start, in int64 (M * stride can pass 2**31); offsets inside a
     # tile are small and stay in OFFSET_DTYPE (int32 unless a stride is huge), which halves the
     # registers that addressing takes.
@@ -104,8 +83,8 @@ def linear_act_fwd_kernel(
     rm = tl.arange(0, BLOCK_M).to(OFFSET_DTYPE)
     rn = tl.arange(0, BLOCK_N).to(OFFSET_DTYPE)
     rk = tl.arange(0, BLOCK_K).to(OFFSET_DTYPE)
-    in_m = _in_bounds(rm, m0, M, BLOCK_M)
-    in_n = _in_bounds(rn, n0, N, BLOCK_N)
+    in_m = in_bounds(rm, m0, M, BLOCK_M)
+    in_n = in_bounds(rn, n0, N, BLOCK_N)
     x_tile = rm[:, None] * stride_xm + rk[None, :] * stride_xk
     w_tile = rk[:, None] * stride_wk + rn[None, :] * stride_wn  # Wᵀ tile [BLOCK_K, BLOCK_N]
     x_base = x_ptr + m0 * stride_xm
@@ -116,7 +95,7 @@ def linear_act_fwd_kernel(
         in_k = rk < K - k0
         x = tl.load(x_base + x_tile, mask=in_m[:, None] & in_k[None, :], other=0.0)
         w = tl.load(w_base + w_tile, mask=in_k[:, None] & in_n[None, :], other=0.0)
-        acc = _mma(x, w, acc, DOT_PRECISION, UPCAST)
+        acc = mma(x, w, acc, DOT_PRECISION, UPCAST)
         x_base += tl.cast(stride_xk, tl.int64) * BLOCK_K
         w_base += tl.cast(stride_wk, tl.int64) * BLOCK_K
 
@@ -126,9 +105,9 @@ def linear_act_fwd_kernel(
     out_offsets = m0 * stride_ym + n0 * stride_yn + (rm[:, None] * stride_ym + rn[None, :] * stride_yn)
     out_mask = in_m[:, None] & in_n[None, :]
     if SAVE_PREACT:
-        tl.store(z_ptr + out_offsets, acc.to(z_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(z_ptr + out_offsets, round_to(acc, z_ptr.dtype.element_ty), mask=out_mask)
     acc = activate(acc, ACTIVATION, ALPHA)
-    tl.store(y_ptr + out_offsets, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(y_ptr + out_offsets, round_to(acc, y_ptr.dtype.element_ty), mask=out_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,21 +118,21 @@ def linear_act_grad_input_kernel(
     g_ptr, s_ptr, w_ptr, dx_ptr,
     M, N, K,
     stride_gm, stride_gn, stride_wn, stride_wk, stride_dxm, stride_dxk,
-    ACTIVATION: tl.constexpr, ALPHA: tl.constexpr,
+    ACTIVATION_GRAD: tl.constexpr, ALPHA: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     OFFSET_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """G and the saved S have the same strides (the launcher makes it so): one offset tile serves
-    both. S is not read for "none"."""
-    pid_m, pid_k = _grouped_tile(tl.program_id(0), _tiles(M, BLOCK_M), _tiles(K, BLOCK_K), GROUP)
+    """ACTIVATION_GRAD: the activation's jit derivative (None: none, and S is not read). G and the
+    saved S have the same strides (the launcher makes it so): one offset tile serves both."""
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), tiles(M, BLOCK_M), tiles(K, BLOCK_K), GROUP)
     m0 = pid_m.to(tl.int64) * BLOCK_M
     k0 = pid_k.to(tl.int64) * BLOCK_K
     rm = tl.arange(0, BLOCK_M).to(OFFSET_DTYPE)
     rk = tl.arange(0, BLOCK_K).to(OFFSET_DTYPE)
     rn = tl.arange(0, BLOCK_N).to(OFFSET_DTYPE)
-    in_m = _in_bounds(rm, m0, M, BLOCK_M)
-    in_k = _in_bounds(rk, k0, K, BLOCK_K)
+    in_m = in_bounds(rm, m0, M, BLOCK_M)
+    in_k = in_bounds(rk, k0, K, BLOCK_K)
     gs_tile = rm[:, None] * stride_gm + rn[None, :] * stride_gn
     w_tile = rn[:, None] * stride_wn + rk[None, :] * stride_wk
     g_base = g_ptr + m0 * stride_gm
@@ -165,18 +144,18 @@ def linear_act_grad_input_kernel(
         in_n = rn < N - n0
         tile = in_m[:, None] & in_n[None, :]
         g = tl.load(g_base + gs_tile, mask=tile, other=0.0)
-        if ACTIVATION != "none":
+        if ACTIVATION_GRAD is not None:
             # Masked lanes load g = 0 and S = 0, and every derivative keeps g = 0 there.
             saved = tl.load(s_base + gs_tile, mask=tile, other=0.0)
-            g = activation_grad(g, saved, ACTIVATION, ALPHA)
+            g = activation_grad(g, saved, ACTIVATION_GRAD, ALPHA)
         w = tl.load(w_base + w_tile, mask=in_n[:, None] & in_k[None, :], other=0.0)
-        acc = _mma(g, w, acc, DOT_PRECISION, UPCAST)
+        acc = mma(g, w, acc, DOT_PRECISION, UPCAST)
         g_base += tl.cast(stride_gn, tl.int64) * BLOCK_N
         s_base += tl.cast(stride_gn, tl.int64) * BLOCK_N
         w_base += tl.cast(stride_wn, tl.int64) * BLOCK_N
 
     dx_ptrs = dx_ptr + m0 * stride_dxm + k0 * stride_dxk + (rm[:, None] * stride_dxm + rk[None, :] * stride_dxk)
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=in_m[:, None] & in_k[None, :])
+    tl.store(dx_ptrs, round_to(acc, dx_ptr.dtype.element_ty), mask=in_m[:, None] & in_k[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,17 +167,18 @@ def linear_act_grad_weight_kernel(
     M, N, K, rows_per_split,
     stride_gm, stride_gn, stride_xm, stride_xk,
     stride_dw_split, stride_dwn, stride_dwk, stride_db_split,
-    ACTIVATION: tl.constexpr, ALPHA: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    ACTIVATION_GRAD: tl.constexpr, ALPHA: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     OFFSET_DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
 ):
     """Program (tile, split) reduces rows [split * rows_per_split, ...) into its own output slice."""
     if COMPUTE_DW:
-        num_k_tiles = _tiles(K, BLOCK_K)  # K >= 1 here: the launcher skips an empty dW
+        num_k_tiles = tiles(K, BLOCK_K)  # K >= 1 here: the launcher skips an empty dW
     else:
         num_k_tiles = 1  # db alone: one column tile per row chunk
-    pid_n, pid_k = _grouped_tile(tl.program_id(0), _tiles(N, BLOCK_N), num_k_tiles, GROUP)
+    pid_n, pid_k = _grouped_tile(tl.program_id(0), tiles(N, BLOCK_N), num_k_tiles, GROUP)
     split = tl.program_id(1).to(tl.int64)
     row_start = split * rows_per_split
     rows_here = tl.minimum(M - row_start, rows_per_split).to(tl.int32)
@@ -207,8 +187,8 @@ def linear_act_grad_weight_kernel(
     rn = tl.arange(0, BLOCK_N).to(OFFSET_DTYPE)
     rk = tl.arange(0, BLOCK_K).to(OFFSET_DTYPE)
     rm = tl.arange(0, BLOCK_M).to(OFFSET_DTYPE)
-    in_n = _in_bounds(rn, n0, N, BLOCK_N)
-    in_k = _in_bounds(rk, k0, K, BLOCK_K)
+    in_n = in_bounds(rn, n0, N, BLOCK_N)
+    in_k = in_bounds(rk, k0, K, BLOCK_K)
     # G and S are read transposed, as [BLOCK_N, BLOCK_M] tiles: the left operand of (G ⊙ act')ᵀ X.
     gs_tile = rn[:, None] * stride_gn + rm[None, :] * stride_gm
     x_tile = rm[:, None] * stride_xm + rk[None, :] * stride_xk
@@ -222,12 +202,12 @@ def linear_act_grad_weight_kernel(
         in_m = rm < rows_here - m0
         tile = in_n[:, None] & in_m[None, :]
         g = tl.load(g_base + gs_tile, mask=tile, other=0.0)
-        if ACTIVATION != "none":
+        if ACTIVATION_GRAD is not None:
             saved = tl.load(s_base + gs_tile, mask=tile, other=0.0)
-            g = activation_grad(g, saved, ACTIVATION, ALPHA)
+            g = activation_grad(g, saved, ACTIVATION_GRAD, ALPHA)
         if COMPUTE_DW:
             x = tl.load(x_base + x_tile, mask=in_m[:, None] & in_k[None, :], other=0.0)
-            acc = _mma(g, x, acc, DOT_PRECISION, UPCAST)
+            acc = mma(g, x, acc, DOT_PRECISION, UPCAST)
         if COMPUTE_DB:
             acc_bias += tl.sum(g.to(ACC_DTYPE), axis=1)
         g_base += tl.cast(stride_gm, tl.int64) * BLOCK_M
@@ -237,12 +217,12 @@ def linear_act_grad_weight_kernel(
     if COMPUTE_DW:
         dw_ptrs = (dw_ptr + split * stride_dw_split + n0 * stride_dwn + k0 * stride_dwk
                    + (rn[:, None] * stride_dwn + rk[None, :] * stride_dwk))
-        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=in_n[:, None] & in_k[None, :])
+        tl.store(dw_ptrs, round_to(acc, dw_ptr.dtype.element_ty), mask=in_n[:, None] & in_k[None, :])
     if COMPUTE_DB:
         # Every column tile summed the same rows; the first one stores the bias gradient.
         if pid_k == 0:
             db_ptrs = db_ptr + split * stride_db_split + n0 + rn
-            tl.store(db_ptrs, acc_bias.to(db_ptr.dtype.element_ty), mask=in_n)
+            tl.store(db_ptrs, round_to(acc_bias, db_ptr.dtype.element_ty), mask=in_n)
 
 
 @triton.jit
@@ -263,27 +243,12 @@ def reduce_partials_kernel(part_ptr, dw_ptr, db_ptr, chunks, row_length, dw_nume
         acc += tl.load(ptrs, mask=in_row, other=0.0)
         ptrs += row_length
     out_ptrs = tl.where(offsets < dw_numel, dw_ptr + offsets, db_ptr + (offsets - dw_numel))
-    tl.store(out_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=offsets < dw_numel + db_numel)
+    tl.store(out_ptrs, round_to(acc, dw_ptr.dtype.element_ty), mask=offsets < dw_numel + db_numel)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-_ACC_DTYPES = {torch.float64: tl.float64}
-
-
-def _precision(dtype: torch.dtype, allow_tf32: bool):
-    """(accumulator dtype, tl.dot input_precision, upcast flag) for one input dtype.
-
-    fp32 follows torch: exact ("ieee") products unless torch allows TF32. The interpreter's bf16
-    dot multiplies raw bit patterns, so there (and only there) bf16 tiles are upcast to fp32.
-    """
-    acc = _ACC_DTYPES.get(dtype, tl.float32)
-    precision = "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
-    upcast = dtype == torch.bfloat16 and tuning.interpreter_enabled()
-    return acc, precision, upcast
-
-
 def _configs_and_key(name, tensor, precision, dims, activation, flags, torch_impl):
     """The candidates for one launch (TORCH_GEMM only when the caller gave a torch_impl) and the
     autotuner's cache key."""
@@ -298,16 +263,6 @@ def _configs_and_key(name, tensor, precision, dims, activation, flags, torch_imp
             c for c in tuning.candidate_configs(tensor.dtype, precision, capability)
             if c is not tuning.TORCH_GEMM]
     return configs, key
-
-
-def _offset_dtype(*tensors: torch.Tensor, extra_strides=()):
-    """int32 tile-local offsets unless some stride is so large that (block - 1) * stride might not fit.
-
-    Offsets inside a tile are at most (255 + 255) * max|stride| for any shipped block size.
-    """
-    strides = [abs(s) for t in tensors for s in t.stride()] + [abs(s) for s in extra_strides]
-    max_stride = max(strides, default=1)
-    return tl.int32 if max_stride * 512 < 2**31 else tl.int64
 
 
 def _contiguous(t):
@@ -346,7 +301,8 @@ def linear_act_forward(x: torch.Tensor, weight: torch.Tensor, bias, activation: 
             x, weight, b, y, z if save_preact else y, M, N, K,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), b.stride(0),
             y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None, ACTIVATION=activation, ALPHA=alpha, SAVE_PREACT=save_preact,
+            HAS_BIAS=bias is not None, ACTIVATION=forward_of(activation), ALPHA=alpha,
+            SAVE_PREACT=save_preact,
             ACC_DTYPE=acc, DOT_PRECISION=precision, UPCAST=upcast, OFFSET_DTYPE=offset_dtype,
             BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_cols, BLOCK_K=cfg.block_red, GROUP=cfg.group,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -393,7 +349,7 @@ def linear_act_grad_input(grad: torch.Tensor, saved: torch.Tensor, weight: torch
             grad, saved, weight, dx, M, N, K,
             grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1),
             dx.stride(0), dx.stride(1),
-            ACTIVATION=activation, ALPHA=alpha, ACC_DTYPE=acc, DOT_PRECISION=precision,
+            ACTIVATION_GRAD=grad_of(activation), ALPHA=alpha, ACC_DTYPE=acc, DOT_PRECISION=precision,
             UPCAST=upcast, OFFSET_DTYPE=offset_dtype,
             BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_N=cfg.block_red, GROUP=cfg.group,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -402,13 +358,6 @@ def linear_act_grad_input(grad: torch.Tensor, saved: torch.Tensor, weight: torch
     configs, key = _configs_and_key("dx", grad, precision, (M, N, K), activation,
                                     (activation, alpha), torch_impl)
     return launch(tuning.pick_config(key, configs, device, launch))
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def choose_split(M: int, tiles: int, block_rows: int, device: torch.device) -> int:
@@ -468,7 +417,8 @@ def linear_act_grad_weight(grad: torch.Tensor, saved: torch.Tensor, x: torch.Ten
             grad, saved, x, dw_part, db_part, M, N, K, rows_per_split,
             grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),
             dw_part.stride(0), dw_part.stride(1), dw_part.stride(2), db_part.stride(0),
-            ACTIVATION=activation, ALPHA=alpha, COMPUTE_DW=kernel_dw, COMPUTE_DB=compute_bias,
+            ACTIVATION_GRAD=grad_of(activation), ALPHA=alpha, COMPUTE_DW=kernel_dw,
+            COMPUTE_DB=compute_bias,
             ACC_DTYPE=acc, DOT_PRECISION=precision, UPCAST=upcast, OFFSET_DTYPE=offset_dtype,
             BLOCK_N=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_M=cfg.block_red, GROUP=cfg.group,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -491,7 +441,3 @@ def linear_act_grad_weight(grad: torch.Tensor, saved: torch.Tensor, x: torch.Ten
         dw, db = run(cfg, split)
     return (dw if compute_weight else None), (db if compute_bias else None)
 
-
-def acc_torch_dtype(acc) -> torch.dtype:
-    """The torch dtype of a Triton accumulator dtype (partial sums are stored unrounded)."""
-    return torch.float64 if acc == tl.float64 else torch.float32

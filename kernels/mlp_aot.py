@@ -1,10 +1,14 @@
 """Ahead-of-time compile of the fused-MLP kernels' shipped configs for sm_80 / sm_90, without a GPU.
 
 The same method as fastmlp.kernels.aot (triton.compile with an explicit GPUTarget, ptxas -v and
-cuobjdump from Triton's wheel) applied to fastmlp/kernels/mlp.py: every (dtype class, arch,
-padded hidden width) entry of FUSED_CONFIGS and DW_CONFIGS, for the activations with the
-heaviest forward (gelu: erf) and derivative (gelu_tanh), and relu. The fully fused width limit
-of each dtype class is the widest H whose configs compile with 0 spills here.
+cuobjdump from Triton's wheel, the same report reader) applied to kernels/mlp_kernels.py: every
+(dtype class, arch, padded hidden width) entry of FUSED_CONFIGS, MATH_CONFIGS and DW_CONFIGS
+(kernels/configs.py), for the activations each entry serves (a row's ``derivative`` in
+kernels/activations.py: the "math" tiles for "math" derivatives where MATH_CONFIGS has the
+width), each compiled with its ``default_alpha`` and storing what its row ``saves``. CI compiles
+the heaviest of each group (gelu's erf forward, gelu_tanh's derivative; relu, leaky_relu);
+``--full`` every activation and dtype. The fully fused width limit of each dtype class is the
+widest H whose configs compile with 0 spills here.
 
 Each config is compiled twice, as two launches on contiguous tensors specialise it: sizes
 "x16", every integer argument a multiple of 16 (Triton's divisibility-by-16 hint on each, except
@@ -15,11 +19,9 @@ narrower loads, more registers), the stride between saved layers (M * H, always 
 constexpr of the fused kernels (only its padded tile width H is; the true widths are runtime
 arguments), so the kernel compiled here for H is the one every width that pads to H runs.
 
-What is read from the compile: ptxas's registers, spills, stack frame; shared memory; HGMMA count
-(sm_90 SASS); the TTGIR's wgmma waits; ptxas's wgmma serialisation advisory; NaN-dropping float
-min/max in the PTX. The last three are read here from the compiled text (the PTX, the TTGIR)
-rather than taken by position from fastmlp.kernels.aot's report tuple, whose length differs
-between versions of that module (read by position, the NaN check silently read nothing).
+What is read from the compile (fastmlp.kernels.aot's reader): ptxas's registers, spills, stack
+frame; shared memory; HGMMA count (sm_90 SASS); the TTGIR's wgmma waits; ptxas's wgmma
+serialisation advisory; NaN-dropping float min/max in the PTX.
 
 Run ``python -m fastmlp.kernels.mlp_aot`` for a table; ``--json FILE`` writes every report, and
 ``--sweep`` compiles a grid of candidate configs (how the shipped ones were chosen).
@@ -27,9 +29,6 @@ Run ``python -m fastmlp.kernels.mlp_aot`` for a table; ``--json FILE`` writes ev
 
 import itertools
 import os
-import re
-import subprocess
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import List
 
@@ -38,12 +37,16 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastmlp.kernels import aot, mlp
+from fastmlp.kernels import activations, aot, configs, mlp_kernels
+from fastmlp.kernels.activation_jit import forward_of, grad_of
+from fastmlp.kernels.aot import float_minmax_count, wgmma_waits  # noqa: F401  (the readers, tested)
 
 _KERNELS = {
-    "mlp_forward": (mlp.mlp_fwd_kernel, ("stride_xk", "stride_w_in_k", "stride_w_out_k", "stride_yn")),
-    "mlp_backward": (mlp.mlp_bwd_kernel, ("stride_gn", "stride_w_in_k", "stride_w_out_k", "stride_dxk")),
-    "mlp_grad_weight": (mlp.mlp_grad_weight_kernel, ("stride_an", "stride_bk")),
+    "mlp_forward": (mlp_kernels.mlp_fwd_kernel,
+                    ("stride_xk", "stride_w_in_k", "stride_w_out_k", "stride_yn")),
+    "mlp_backward": (mlp_kernels.mlp_bwd_kernel,
+                     ("stride_gn", "stride_w_in_k", "stride_w_out_k", "stride_dxk")),
+    "mlp_grad_weight": (mlp_kernels.mlp_grad_weight_kernel, ("stride_an", "stride_bk")),
 }
 _PRECISION = {"half": "ieee", "tf32": "tf32", "ieee": "ieee"}
 _DTYPES = {"half": ("fp16", "bf16"), "tf32": ("fp32",), "ieee": ("fp32",)}
@@ -71,37 +74,6 @@ class MLPCompileReport:
     sizes: str = "x16"       # "x16": integer arguments with the divisibility-by-16 hint; "odd": without
 
 
-# max.f32 / min.f32 (any .ftz/.xorsign; f16, f64, packed f16x2/bf16x2 too) return the other
-# operand for NaN: a ReLU written as max(z, 0) maps NaN to 0. Their .NaN forms propagate NaN.
-_FLOAT_MINMAX = re.compile(r"\b(?:max|min)(?!\.NaN)(?:\.(?!NaN)\w+)*\.(?:f16x2|bf16x2|f16|bf16|f32|f64)\b")
-_WGMMA_WAIT = re.compile(r"warp_group_dot_wait\b[^\n]*pendings = (\d+)")
-
-
-def float_minmax_count(ptx: str) -> int:
-    """NaN-dropping float min/max instructions in a PTX text."""
-    return len(_FLOAT_MINMAX.findall(ptx))
-
-
-def wgmma_waits(ttgir: str) -> List[int]:
-    """Each wgmma wait in the TTGIR, in program order: how many wgmma groups may stay in flight
-    (0 right after a wgmma: it runs synchronously)."""
-    return [int(n) for n in _WGMMA_WAIT.findall(ttgir)]
-
-
-def _wgmma_serialised(ptx: str, arch: int) -> bool:
-    """ptxas's advisory that it serialised wgmma (sm_90 only)."""
-    if arch != 90:
-        return False
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        err = subprocess.run([aot._ptxas(arch), "-v", "--gpu-name=sm_90a", path, "-o",
-                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True,
-                             check=True).stderr
-    return "wgmma.mma_async instructions are serialized" in err
-
-
 SIZES = ("x16", "odd")
 # Integer arguments a multiple of 16 whatever the sizes: M * H, and the dW kernel's row chunk
 # (a multiple of its block_red).
@@ -112,20 +84,23 @@ def compile_case(kernel: str, arch: int, dtype: str, precision: str, hidden: int
                  activation: str, config, sizes: str = "x16") -> MLPCompileReport:
     """Compile one kernel with one config for sm_<arch> and read ptxas's and cuobjdump's reports."""
     fn, unit_strides = _KERNELS[kernel]
-    preact = activation in ("gelu", "gelu_tanh", "silu")
+    alpha = activations.get(activation).default_alpha
+    preact = activations.get(activation).saves(alpha) == "preact"
     c = dict(ACC_DTYPE=tl.float32, DOT_PRECISION=precision, UPCAST=False, OFFSET_DTYPE=tl.int32)
     if kernel == "mlp_grad_weight":
-        c.update(B_ACTIVATION=activation if preact else "none", B_ALPHA=0.0, COMPUTE_DW=True,
-                 COMPUTE_DB=True, BLOCK_N=config.block_rows, BLOCK_K=config.block_cols,
-                 BLOCK_M=config.block_red)
+        # B is the saved pre-activation, its activation recomputed, when the row saves Z
+        c.update(B_ACTIVATION=forward_of(activation) if preact else None, B_ALPHA=alpha,
+                 COMPUTE_DW=True, COMPUTE_DB=True, BLOCK_N=config.block_rows,
+                 BLOCK_K=config.block_cols, BLOCK_M=config.block_red)
     else:
-        c.update(ACTIVATION=activation, ALPHA=0.0, OUT_ACTIVATION="none", OUT_ALPHA=0.0,
-                 H=hidden, BLOCK_M=config.block_m, BLOCK_K=config.block_k,
-                 BLOCK_N=config.block_n)
+        c.update(ALPHA=alpha, OUT_ALPHA=0.0, H=hidden, BLOCK_M=config.block_m,
+                 BLOCK_K=config.block_k, BLOCK_N=config.block_n)
         if kernel == "mlp_forward":
-            c.update(HAS_BIAS=True, SAVE=True, SAVE_PREACT=preact, SAVE_OUT_PREACT=False)
+            c.update(ACTIVATION=forward_of(activation), OUT_ACTIVATION=None, HAS_BIAS=True,
+                     SAVE=True, SAVE_PREACT=preact, SAVE_OUT_PREACT=False)
         else:
-            c.update(COMPUTE_DX=True)
+            c.update(ACTIVATION_GRAD=grad_of(activation), OUT_ACTIVATION_GRAD=None,
+                     COMPUTE_DX=True)
     c.update({name: 1 for name in unit_strides})
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
@@ -142,31 +117,35 @@ def compile_case(kernel: str, arch: int, dtype: str, precision: str, hidden: int
             attrs[(index,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(ASTSource(fn, signature, c, attrs), target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-    found = aot._read_reports(compiled, arch)
-    registers, spills, stack, shared, hgmma, wide_loads = found[:6]  # the same in every version
-    ptx = compiled.asm["ptx"]
-    # aot's report carries ptxas's serialisation advisory in newer versions (a bool after the
-    # waits list); else ptxas runs once more here.
-    serialised = (found[7] if len(found) >= 9 and isinstance(found[7], bool)
-                  else _wgmma_serialised(ptx, arch))
+    (registers, spills, stack, shared, hgmma, wide_loads, waits, serialised,
+     float_minmax) = aot._read_reports(compiled, arch)
     return MLPCompileReport(kernel, arch, dtype, precision,
                             hidden if kernel != "mlp_grad_weight" else 0, activation,
                             asdict(config), config.num_warps, registers, spills, stack, shared,
-                            hgmma, wide_loads, serialised, float_minmax_count(ptx),
-                            wgmma_waits(compiled.asm["ttgir"]), sizes)
+                            hgmma, wide_loads, serialised, float_minmax, waits, sizes)
 
 
 # Which activations a config must compile cleanly for: the default tiles (FUSED_CONFIGS) serve
 # every activation unless MATH_CONFIGS overrides the width, in which case they serve the select
-# derivatives only. Compiled in CI per kernel: one of each group (relu / leaky_relu for the
-# selects; gelu's erf and saved pre-activation in the forward, gelu_tanh's derivative in the
+# derivatives only. Compiled in CI per kernel: the heaviest of each group (relu / leaky_relu for
+# the selects; gelu's erf and saved pre-activation in the forward, gelu_tanh's derivative in the
 # backward, gelu's recomputed Y in the weight gradient; near the register limit a lighter
 # activation is not guaranteed to allocate better, so both groups are compiled where a tile
-# serves both); --full compiles every activation.
+# serves both); --full compiles every row of the table with its group.
 SELECT = {"mlp_forward": ("relu",), "mlp_backward": ("leaky_relu",)}
 MATH = {"mlp_forward": ("gelu",), "mlp_backward": ("gelu_tanh",)}
-SELECT_FULL = ("relu", "leaky_relu")
-MATH_FULL = ("gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
+
+
+def _group(derivative: str):
+    """Every row of the table that applies something and whose derivative is `derivative`."""
+    return tuple(name for name in activations.names()
+                 if activations.get(name).derivative == derivative
+                 and activations.get(name).jit_module is not None)
+
+
+def _saves_preact(name: str) -> bool:
+    row = activations.get(name)
+    return row.saves(row.default_alpha) == "preact"
 
 
 def shipped_cases(full: bool = False):
@@ -179,22 +158,26 @@ def shipped_cases(full: bool = False):
 
 
 def _shipped(full: bool):
-    for (cls, arch), by_width in mlp.FUSED_CONFIGS.items():
+    select_full, math_full = _group(activations.SELECT), _group(activations.MATH)
+    for (cls, arch), by_width in configs.FUSED_CONFIGS.items():
         dtypes = _DTYPES[cls] if full else _DTYPES[cls][-1:]
-        math = mlp.MATH_CONFIGS.get((cls, arch), {})
-        for hidden, configs in by_width.items():
-            plans = [(configs, SELECT, SELECT_FULL)]
-            plans.append((math[hidden], MATH, MATH_FULL) if hidden in math
-                         else (configs, MATH, MATH_FULL))
+        math = configs.MATH_CONFIGS.get((cls, arch), {})
+        for hidden, default in by_width.items():
+            plans = [(default, SELECT, select_full)]
+            plans.append((math[hidden], MATH, math_full) if hidden in math
+                         else (default, MATH, math_full))
             for plan_configs, heaviest, every in plans:
                 for config, dtype, kernel in itertools.product(plan_configs, dtypes,
                                                                ("mlp_forward", "mlp_backward")):
                     for activation in (every if full else heaviest[kernel]):
                         yield kernel, arch, dtype, _PRECISION[cls], hidden, activation, config
-    for (cls, arch), configs in mlp.DW_CONFIGS.items():
+    # The weight-gradient kernel: relu reads Y as stored; a row saving Z recomputes its forward
+    # into the MMA operand (CI: gelu's erf, the heaviest).
+    recomputed = tuple(name for name in activations.names() if _saves_preact(name))
+    for (cls, arch), dw_configs in configs.DW_CONFIGS.items():
         dtypes = _DTYPES[cls] if full else _DTYPES[cls][-1:]
-        for config, dtype in itertools.product(configs, dtypes):
-            for activation in (("relu", "gelu") if full else ("gelu",)):
+        for config, dtype in itertools.product(dw_configs, dtypes):
+            for activation in (("relu",) + recomputed if full else ("gelu",)):
                 yield "mlp_grad_weight", arch, dtype, _PRECISION[cls], 0, activation, config
 
 
@@ -202,7 +185,7 @@ def sweep_cases():
     """A grid of fused configs per dtype class, arch and width (what FUSED_CONFIGS was chosen from)."""
     for cls, arch, hidden in itertools.product(("half", "tf32", "ieee"), (90, 80), (16, 32, 64, 128)):
         for block_m, warps, stages in itertools.product((32, 64, 128), (4, 8), (1, 2)):
-            config = mlp.FusedConfig(block_m, 32, 32, warps, stages)
+            config = configs.FusedConfig(block_m, 32, 32, warps, stages)
             for kernel in ("mlp_forward", "mlp_backward"):
                 for sizes in SIZES:
                     yield kernel, arch, _DTYPES[cls][-1], _PRECISION[cls], hidden, "relu", config, sizes
@@ -260,3 +243,11 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def __getattr__(name: str):
+    """SELECT_FULL / MATH_FULL, the --full groups (a view of the table, which may gain rows at run
+    time; they were constants before the table had a derivative column)."""
+    if name in ("SELECT_FULL", "MATH_FULL"):
+        return _group(activations.SELECT if name == "SELECT_FULL" else activations.MATH)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

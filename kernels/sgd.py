@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from . import debug
-from .launch import device_guard
+from .launch import device_guard, round_to
 
 BLOCK = 2048  # elements per program: 8 fp32 per thread with 4 warps, two 16-byte vectors each
 _TENSOR_COLS = 5  # param ptr, grad ptr, buffer ptr (0: none), numel, first-step flag
@@ -75,7 +75,7 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, first, offs, mask, lr,
         else:
             b_old = tl.load(b_ptr + offs, mask=mask).to(tl.float32)
             b = b_old * momentum + one_minus_dampening * g
-        b = b.to(DTYPE)
+        b = round_to(b, DTYPE)
         tl.store(b_ptr + offs, b, mask=mask)
         b = b.to(tl.float32)  # the update uses the buffer as stored, as torch does
         if NESTEROV:
@@ -83,7 +83,7 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, first, offs, mask, lr,
         else:
             g = b
     p = p - lr * g
-    tl.store(p_ptr + offs, p.to(DTYPE), mask=mask)
+    tl.store(p_ptr + offs, round_to(p, DTYPE), mask=mask)
 
 
 @triton.jit

@@ -1,47 +1,31 @@
-"""Tile configurations for the linear kernels and a small cached autotuner.
+"""The per-layer kernels' autotuner: a small cached timing of the candidate configs per shape bucket.
 
 Why not ``triton.autotune``: the config list depends on the GPU generation and on the dtype class
-(fp16/bf16 tensor cores, TF32, exact fp32 FMA), the key must be bucketed (next power of two of each
-dimension) so that a training loop with a fixed shape tunes once, tuning must never run while a
-CUDA graph is being captured, and the tests need one fixed config. A dict lookup per call keeps
-the host path lean.
-
-Every config is named by the role of its dimensions in the kernel that uses it:
-``block_rows`` x ``block_cols`` is the output tile and ``block_red`` the step along the reduction.
-The forward kernel maps them to (M, N, K), dX to (M, K, N) and dW to (N, K, M).
+(fp16/bf16 tensor cores, TF32, exact fp32 FMA) and the activation (kernels/configs.py holds the
+lists and the rules), the key must be bucketed (next power of two of each dimension) so that a
+training loop with a fixed shape tunes once, tuning must never run while a CUDA graph is being
+captured, and the tests need one fixed config. A dict lookup per call keeps the host path lean.
 
 Environment:
   FASTMLP_AUTOTUNE=0   use the first (default) config of each list, never benchmark (tests, CI).
+The default config is also what every rank takes in a multi-rank DTensor program
+(ranks_must_agree).
 Under Triton's interpreter only the interpreter config is used (timing numpy is meaningless).
 """
 
 import os
-from dataclasses import dataclass
+import sys
 from typing import Callable, Dict, List, Tuple
 
 import torch
 
-
-@dataclass(frozen=True)
-class TileConfig:
-    block_rows: int
-    block_cols: int
-    block_red: int
-    group: int
-    num_warps: int
-    num_stages: int
-
+from fastmlp.kernels import activations
+from fastmlp.kernels.configs import (  # noqa: F401  (re-exported: the names callers use)
+    INTERPRETER as _INTERPRETER, TORCH_GEMM, TileConfig, all_shipped_configs, linear_candidates)
 
 # Triton picks interpreted or compiled kernels when they are decorated, at import: read the
 # switch once, at the same moment, instead of on every launch.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-# A candidate the autotuner may pick on CUDA besides the Triton configs: torch's own GEMM
-# (cuBLAS) plus one pointwise op, unfused. Fusion does not always win (cuBLAS's fp32 FMA GEMM,
-# for one, is hard to beat with tl.dot(input_precision="ieee")); timing both per shape bucket
-# means a fused layer is never slower than this plain path by more than the timing noise.
-TORCH_GEMM = "torch-gemm"
 
 
 def interpreter_enabled() -> bool:
@@ -53,72 +37,33 @@ def autotune_enabled() -> bool:
     return os.environ.get("FASTMLP_AUTOTUNE", "1") not in ("0", "false", "False", "")
 
 
-# Small tiles make several programs even for the seed's 64x100 output; big ones are for big GEMMs.
-_INTERPRETER = [TileConfig(32, 32, 32, 4, 4, 1)]
+def ranks_must_agree() -> bool:
+    """Whether timing is off because the ranks of a DTensor program must compute alike.
 
-# Tensor-core configs for fp16/bf16. Hopper (sm_90) configs keep 4 or 8 warps (whole warpgroups,
-# so Triton emits wgmma) and tile rows >= 64. The first entry of each list is the default.
-# Left out since the activations came in (kernels/aot.py, bench/NOTES.md): 128x256x64 (sm_90;
-# spills with any epilogue heavier than ReLU's, and its wgmma are serialised on triton 3.6),
-# 64x64x128 (sm_90) and 128x128x64 (sm_80), which spill kilobytes in the GELU backward kernels.
-_TENSOR_CORE_SM90 = [
-    TileConfig(128, 128, 64, 8, 8, 3),
-    TileConfig(128, 64, 64, 8, 8, 4),
-    TileConfig(64, 128, 64, 8, 4, 4),
-    TileConfig(64, 64, 64, 8, 4, 4),
-    TileConfig(64, 32, 64, 8, 4, 4),
-]
-_TENSOR_CORE_SM80 = [
-    TileConfig(128, 128, 32, 8, 8, 4),
-    TileConfig(128, 64, 32, 8, 4, 4),
-    TileConfig(64, 128, 32, 8, 4, 4),
-    TileConfig(64, 64, 64, 8, 4, 4),
-    TileConfig(32, 64, 64, 8, 4, 4),
-    TileConfig(32, 32, 64, 8, 2, 4),
-]
-# TF32 operands are 4 bytes: half the reduction step of fp16 for the same shared memory.
-_TF32 = [
-    TileConfig(128, 128, 32, 8, 8, 3),
-    TileConfig(128, 64, 32, 8, 8, 4),
-    TileConfig(64, 128, 32, 8, 4, 4),
-    TileConfig(64, 64, 32, 8, 4, 4),
-    TileConfig(32, 32, 32, 8, 4, 4),
-]
-# Exact fp32 ("ieee") products run on FMA units: moderate tiles, fewer stages.
-_IEEE_FP32 = [
-    TileConfig(64, 64, 32, 8, 8, 3),  # with 4 warps: 12-24 B (sm_90, 3.6) and 184 B (sm_80, 3.9) of spills
-    TileConfig(64, 128, 32, 8, 8, 3),
-    TileConfig(32, 64, 32, 8, 4, 3),
-    TileConfig(32, 32, 32, 8, 2, 3),
-]
+    Each rank would time the candidates on its own and could pick another config (or the torch
+    GEMM), and configs sum in different orders: a result DTensor marks Replicate (a row-parallel
+    layer's bias gradient, a replicated FusedMLP) would then differ in its last bits between
+    ranks and drift apart in training. So with torch.distributed initialized on more than one
+    rank and DTensor in use (tensor parallel, FSDP2), every launch takes the default config.
+    """
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-# Activations whose derivative (transcendental in the pre-activation) makes the dX and dW kernels
-# need more than sm_80's 255 registers per thread on nearly every tile (kernels/aot.py; bench/NOTES.md,
-# 2026-12-01): on GPUs before Hopper their backward GEMMs take TORCH_GEMM (torch's own backward
-# op, then cuBLAS) instead of a spilling kernel. Their forward stays fused; Hopper fuses both.
-TORCH_BACKWARD_BEFORE_SM90 = ("gelu", "gelu_tanh", "silu")
+# The shipped activations whose per-layer backward kernels are not fused before Hopper (a view
+# of the table's fused_backward_from column, for reports and tests).
+TORCH_BACKWARD_BEFORE_SM90 = tuple(row.name for row in activations.TABLE.values()
+                                   if row.fused_backward_from > 80)
 
 
 def candidate_configs(dtype: torch.dtype, dot_precision: str, capability: Tuple[int, int],
                       kernel: str = "fwd", activation: str = "relu") -> List:
     """The configs worth trying for one kernel ("fwd", "dx", "dw"), dtype class and activation on
-    one GPU generation (default first), then TORCH_GEMM on GPUs."""
-    if interpreter_enabled() or capability == (0, 0):
-        return _INTERPRETER
-    if kernel in ("dx", "dw") and activation in TORCH_BACKWARD_BEFORE_SM90 and capability[0] < 9:
-        return [TORCH_GEMM]
-    if dtype in (torch.float16, torch.bfloat16):
-        triton_configs = _TENSOR_CORE_SM90 if capability[0] == 9 else _TENSOR_CORE_SM80
-    else:
-        triton_configs = _TF32 if dot_precision == "tf32" else _IEEE_FP32
-    return triton_configs + [TORCH_GEMM]
-
-
-def all_shipped_configs() -> Dict[str, List[TileConfig]]:
-    """Every GPU config list, by name, for the ahead-of-time compile checks."""
-    return {"tensor_core_sm90": _TENSOR_CORE_SM90, "tensor_core_sm80": _TENSOR_CORE_SM80,
-            "tf32": _TF32, "ieee_fp32": _IEEE_FP32}
+    one GPU generation (default first), then TORCH_GEMM on GPUs (configs.linear_candidates)."""
+    return linear_candidates(dtype, dot_precision, capability, kernel, activation,
+                             interpreter_enabled())
 
 
 def bucket(n: int) -> int:
@@ -140,14 +85,15 @@ def pick_config(key: tuple, candidates: List, device: torch.device, run: Callabl
     pick cached while autotuning was on (an earlier test, an earlier phase of a run) never leaks
     into a run that asked for the default. With one candidate, off CUDA, or during CUDA-graph
     capture (where timing is impossible) a cached pick is used if there is one, else the
-    default, and nothing new is cached.
+    default, and nothing new is cached. So it is under torch.distributed with DTensors
+    (ranks_must_agree).
     """
     if not autotune_enabled():
         return candidates[0]
     best = _best.get(key)
     if best is not None:
         return best
-    if len(candidates) == 1 or device.type != "cuda" or _capturing(device):
+    if len(candidates) == 1 or device.type != "cuda" or _capturing(device) or ranks_must_agree():
         return candidates[0]
     import triton.testing
 

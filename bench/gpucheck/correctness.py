@@ -8,12 +8,13 @@ launchers change; what users call must keep working):
 * forward, dX and dW+db of one fused layer, for every activation in fastmlp.ACTIVATIONS and
   fp32, TF32 (fp32 with torch.backends.cuda.matmul.allow_tf32), fp16 and bf16, on the seed's
   shapes, primes, M = 1, a transposed and a strided input, one large shape and a skinny one that
-  makes dW split its rows; through fastmlp.functional.linear_act where it exists, else
-  FusedLinearFunction.apply(x, w, b, activation), with the Triton backend forced;
+  makes dW split its rows; through fastmlp.functional.linear_act, with the Triton backend
+  forced;
 * fastmlp.SGD (plain, and momentum + weight decay + nesterov, two steps) on the seed model's
   parameters and odd sizes;
 * fastmlp.fit on the seed model, CUDA graph on against off (same losses and weights);
-* whole modules (MODULES: fastmlp.fuse of the seed model; fastmlp.FusedMLP once it exists).
+* whole modules (MODULES: fastmlp.fuse of the seed model; fastmlp.FusedMLP, by its dispatcher's
+  pick and on each path).
 
 The reference is float64 torch on the same device, from the same (rounded) inputs; the error is
 the relative norm error of tests/reference.py, under its TOLERANCE (TF32: TF32_TOLERANCE). Kernel
@@ -52,7 +53,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 DTYPES = ("fp32", "tf32", "fp16", "bf16")
 LAYER_KERNELS = ("forward", "dX", "dW+db")
 # fp32 through TF32 keeps 10 mantissa bits: ~3e-4 relative norm error at every size here; the
-# tests (tests/test_linear_relu.py, the matrix-unit layouts) allow 2e-3.
+# tests (tests/test_linear_act.py, the matrix-unit layouts) allow 2e-3.
 TF32_TOLERANCE = 2e-3
 SGD_LR = 0.1   # updates ~10 % of the parameters' size, so a wrong update cannot hide in rounding
 
@@ -106,7 +107,7 @@ SGD_CONFIGS = (("plain", {"lr": SGD_LR}),
 
 
 class Skip(Exception):
-    """A row that cannot run in this version, with the reason (recorded, never a pass)."""
+    """A row that cannot run here, with the reason (recorded, never a pass)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,24 +119,16 @@ def _torch():
 
 
 def reference_activation(name: str) -> Callable:
-    """The float64 torch function of an activation name; torch's defaults for parameters
-    (leaky_relu's slope 0.01, as nn.LeakyReLU and fastmlp's default)."""
-    torch = _torch()
-    F = torch.nn.functional
-    table = {
-        "relu": torch.relu,
-        "none": lambda z: z,
-        "leaky_relu": lambda z: F.leaky_relu(z, 0.01),
-        "gelu": F.gelu,
-        "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-        "silu": F.silu,
-        "sigmoid": torch.sigmoid,
-        "tanh": torch.tanh,
-    }
-    if name not in table:
-        raise LookupError(f"no float64 reference for activation {name!r}: add it to "
-                          f"bench/gpucheck/correctness.py reference_activation")
-    return table[name]
+    """The torch function of an activation name (run in float64 here), with the parameter a name
+    alone means (leaky_relu's slope: nn.LeakyReLU's default, what fused() gets by name): its row's
+    torch_forward in fastmlp/activations.py."""
+    from fastmlp import activations
+
+    if name not in activations.TABLE:
+        raise LookupError(f"no float64 reference for activation {name!r}: fastmlp/activations.py "
+                          f"has no row for it")
+    row = activations.get(name)
+    return lambda z: row.torch_forward(z, row.default_alpha)
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,24 +188,17 @@ def _describe(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The fused call, through whatever public entry point this version has
+# The fused call, through the public entry point
 # ---------------------------------------------------------------------------------------------
 def fused(x, w, b, activation: str):
-    """act(x Wᵀ + b) by fastmlp: functional.linear_act (activation by name) if present, else
-    FusedLinearFunction.apply with four arguments (the API before linear_act existed)."""
+    """act(x Wᵀ + b) by fastmlp.functional.linear_act (activation by name)."""
     import fastmlp
 
-    linear_act = getattr(fastmlp.functional, "linear_act", None)
-    if linear_act is not None:
-        return linear_act(x, w, b, activation=activation)
-    return fastmlp.FusedLinearFunction.apply(x, w, b, activation)
+    return fastmlp.functional.linear_act(x, w, b, activation=activation)
 
 
 def entry_point() -> str:
-    import fastmlp
-
-    return ("fastmlp.functional.linear_act" if hasattr(fastmlp.functional, "linear_act")
-            else "fastmlp.FusedLinearFunction.apply")
+    return "fastmlp.functional.linear_act"
 
 
 class _TF32:
@@ -421,25 +407,16 @@ def _fuse(model):
 def _fused_mlp(model):
     import fastmlp
 
-    cls = getattr(fastmlp, "FusedMLP", None)
-    if cls is None:
-        raise Skip("fastmlp.FusedMLP is not in this version")
-    build = getattr(cls, "from_sequential", None)
-    if build is None:
-        raise Skip("fastmlp.FusedMLP has no from_sequential(nn.Sequential); give its MODULES "
-                   "entry in bench/gpucheck/correctness.py the constructor")
-    return build(model)
+    return fastmlp.FusedMLP.from_sequential(model)
 
 
 def _fused_mlp_on_path(path: str):
-    """FusedMLP with its dispatcher forced to one path (fastmlp.mlp.use_path), where it exists:
-    the auto path may time both and keep either, so each path gets its own row."""
+    """FusedMLP with its dispatcher forced to one path (fastmlp.mlp.use_path): the auto path may
+    time both and keep either, so each path gets its own row."""
     def build(model):
         mlp = _fused_mlp(model)
-        try:
-            from fastmlp.mlp import use_path
-        except ImportError as exc:
-            raise Skip(f"fastmlp.mlp.use_path not available ({exc})")
+        from fastmlp.mlp import use_path
+
         torch = _torch()
 
         class OnPath(torch.nn.Module):
@@ -457,7 +434,7 @@ def _fused_mlp_on_path(path: str):
 
 # Whole modules against the same nn.Sequential in float64: name -> builder(nn.Sequential on the
 # device, in the row's dtype) returning the fastmlp module (it may share the parameters), or
-# raising Skip. A new module is one entry here.
+# raising Skip with the reason it cannot run here. A new module is one entry here.
 MODULES: Dict[str, Callable] = {
     "fuse(seed model)": _fuse,
     "FusedMLP": _fused_mlp,
@@ -729,8 +706,7 @@ def main(argv=None) -> int:
     os.environ["FASTMLP_POISON_OUTPUTS"] = "1"
     import fastmlp
 
-    activations = (args.activations.split(",") if args.activations
-                   else list(getattr(fastmlp, "ACTIVATIONS", ("relu", "none"))))
+    activations = args.activations.split(",") if args.activations else list(fastmlp.ACTIVATIONS)
     cpus = os.cpu_count() or 1
     # Compile-bound: as many workers as CPUs but two (for the parent and the GPU's driver
     # threads), at most 14; every worker holds a CUDA context (~0.5 GiB).

@@ -97,7 +97,7 @@ def probe() -> dict:
     info = environment.device_info(device)
     try:
         import fastmlp
-        activations = list(getattr(fastmlp, "ACTIVATIONS", ("relu", "none")))
+        activations = list(fastmlp.ACTIVATIONS)
         fastmlp_error = None
     except Exception as exc:  # reported, and the stages will fail on it visibly
         activations, fastmlp_error = [], f"{type(exc).__name__}: {exc}"

@@ -4,11 +4,13 @@ autotuner's choice logic."""
 
 import pytest
 import torch
+import triton
 import triton.language as tl
 
 from fastmlp import activations
 from fastmlp import functional as F
 from fastmlp.kernels import debug, linear_act as kernels
+from fastmlp.kernels.launch import round_to
 from reference import assert_close, reference
 
 pytestmark = pytest.mark.usefixtures("triton_backend")
@@ -284,6 +286,34 @@ def test_autotuner_times_every_candidate_skips_misfits_and_caches(monkeypatch):
         tuning.pick_config(("k4",), ["too-big", "too-big"], _FakeCuda(), run)
     with pytest.raises(ZeroDivisionError):  # any other failure is a bug: it propagates
         tuning.pick_config(("k5",), ["a", "b"], _FakeCuda(), lambda cfg: 1 / 0)
+
+
+def test_autotuner_does_not_time_across_dtensor_ranks(monkeypatch):
+    """With DTensor in use on more than one rank, every rank takes the default config without
+    timing (each would pick its own, and Replicate results would differ between ranks)."""
+    import sys
+    import types
+
+    import triton.testing
+
+    from fastmlp.kernels import tuning
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: fn())
+    monkeypatch.setattr(tuning, "_capturing", lambda device: False)
+    monkeypatch.setattr(tuning, "_best", {})
+    monkeypatch.setenv("FASTMLP_AUTOTUNE", "1")
+    monkeypatch.setitem(sys.modules, "torch.distributed.tensor",
+                        sys.modules.get("torch.distributed.tensor", types.ModuleType("stand-in")))
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    calls = []
+    for world, expected in ((2, "a"), (1, "b")):
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None, w=world: w)
+        assert tuning.ranks_must_agree() == (world > 1)
+        got = tuning.pick_config(("k", world), ["a", "b"], _FakeCuda(),
+                                 lambda cfg: calls.append(cfg) or {"a": 2.0, "b": 1.0}[cfg])
+        assert got == expected
+    assert calls == ["a", "b"]   # timed only on the single rank
 
 
 def test_shape_buckets():
@@ -598,3 +628,33 @@ def test_torch_impl_is_a_candidate_only_when_given(device, monkeypatch):
     assert all(tuning.TORCH_GEMM not in c for c in seen[-3:])
     ry, rz = _ref_forward(x, w, b, "gelu", 0.0)
     assert_close(y, ry, torch.float32, "Y from the Triton config")
+
+
+@triton.jit
+def _cast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    x = tl.load(x_ptr + offsets, mask=mask)
+    tl.store(y_ptr + offsets, round_to(x, y_ptr.dtype.element_ty), mask=mask)
+
+
+def test_round_to_is_round_to_nearest_even(device):
+    """launch.round_to, which every narrowing store and cast in the kernels goes through, gives
+    torch's (round to nearest even) bf16 and fp16 for random values, ties, NaN, ±inf, values
+    that round up into the next binade and past bf16's largest finite value. Under the
+    interpreter this is the bit-level rounding (its own fp32 -> bf16 cast truncates)."""
+    gen = torch.Generator().manual_seed(13)
+    ulp_halves = torch.tensor([1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, 1.0 + 2.0 ** -9,
+                               2.0 - 2.0 ** -9, 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11])
+    special = torch.tensor([0.0, -0.0, float("nan"), float("inf"), float("-inf"),
+                            3.3895313892515355e38, 3.4028234e38, -3.4028234e38, 65504.0, 65520.0,
+                            1e-40, -1e-45])
+    x = torch.cat([torch.randn(4096, generator=gen) * 10.0 ** torch.randint(-6, 6, (4096,), generator=gen),
+                   ulp_halves, -ulp_halves, special]).to(device)
+    for dtype in (torch.bfloat16, torch.float16):
+        y = torch.full(x.shape, float("nan"), dtype=dtype, device=device)
+        _cast_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+        expected = x.to(dtype)
+        same = (y == expected) | (y.isnan() & expected.isnan())
+        assert bool(same.all()), f"{dtype}: {int((~same).sum())} values differ, first at " \
+                                 f"{x[~same][:4].tolist()}"
