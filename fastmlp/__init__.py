@@ -25,6 +25,9 @@ from fastmlp.ops import ACTIVATIONS, FusedLinearFunction  # noqa: E402
 from fastmlp.optim import SGD  # noqa: E402
 from fastmlp.train import fit  # noqa: E402
 from fastmlp.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from fastmlp import sharding as _sharding  # noqa: E402
+
+_sharding.install()   # DTensor sharding rules for the ops, once torch.distributed.tensor is imported
 
 __version__ = "0.1.0"
 

@@ -13,13 +13,12 @@ and ``isinstance(opt, torch.optim.SGD)`` are torch's own: state dicts load both 
   :meth:`SGD.lr_tensors` says, per group, which tensors those are (None for a group torch's
   implementation updates: its lr is a number, frozen in a captured graph).
 * Otherwise (CPU parameters; on CUDA float64 or non-contiguous parameters, sparse gradients,
-  the "torch" backend): torch's own implementations. torch picks the per-tensor loop on CPU by
-  default; its fused kernel is one call for the whole group and measured faster or equal here,
-  so a dense group of one dtype whose parameters all have momentum buffers, or none has (the
-  fused kernel's first-step rule is all-or-nothing), calls ``torch._fused_sgd_`` directly
-  (seed model's 4 tensors, 2 threads: 29 µs per step, against 41 µs through
-  torch.optim.sgd.sgd's per-step grouping; with momentum 0.9: 37 µs, torch.optim.SGD 63 µs).
-  Anything else goes through ``torch.optim.sgd.sgd``. A group's explicit
+  the "torch" backend; DTensor parameters, as FSDP2 and tensor parallel make them, on every
+  device): torch's own implementations. torch picks the per-tensor loop on CPU by
+  default; its fused kernel is one call for the whole group and measured faster or equal here
+  (bench/NOTES.md), so a dense group of one dtype whose parameters all have momentum buffers, or
+  none has (the fused kernel's first-step rule is all-or-nothing), calls ``torch._fused_sgd_``
+  directly, without torch.optim.sgd.sgd's per-step grouping. Anything else goes through ``torch.optim.sgd.sgd``. A group's explicit
   ``foreach``/``fused``/``differentiable`` setting is obeyed and goes to torch unchanged, on
   every device.
 """
@@ -38,7 +37,20 @@ __all__ = ["SGD"]
 _FUSED_CPU_DTYPES = (torch.float32, torch.float64)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _subclassed(params) -> bool:
+    """Whether a parameter is a tensor subclass: a DTensor (FSDP2's shards, tensor-parallel
+    weights) has no storage of the whole tensor for the Triton kernel to update, and no
+    sharding rule for torch._fused_sgd_; torch's foreach and per-tensor updates dispatch
+    through it (shard by shard, redistributing a gradient of another placement)."""
+    return any(type(p) not in _PLAIN for p in params)
+
+
 def _fused_cpu_ok(params, grads, bufs, momentum) -> bool:
+    if _subclassed(params):
+        return False
     if any(g.is_sparse for g in grads):
         return False
     if not all(p.dtype == params[0].dtype and p.dtype in _FUSED_CPU_DTYPES for p in params):
@@ -95,7 +107,7 @@ class SGD(torch.optim.SGD):
         """The Triton kernel takes dense, contiguous fp32/fp16/bf16 tensors, nothing exotic."""
         if group["foreach"] or group["fused"] or group["differentiable"]:
             return False  # the caller asked for one of torch's implementations: obey it
-        if any(g.is_sparse for g in grads):
+        if _subclassed(params) or any(g.is_sparse for g in grads):
             return False
         if any(p.dtype not in (torch.float32, torch.float16, torch.bfloat16)
                or not p.is_contiguous() for p in params):
@@ -177,8 +189,8 @@ class SGD(torch.optim.SGD):
         """A function doing what ``self.step()`` would, minus its per-call machinery, or None.
 
         For fit's CPU fast path, which stores a fresh gradient in every one of `params` before
-        each call. On the seed model the update itself (torch's fused kernel) takes ~9 µs and
-        ``Optimizer.step`` around it ~35-40 µs more: the profiler record, hook dispatch, and
+        each call. On the seed model ``Optimizer.step``'s machinery around the update costs
+        several times the update itself (bench/NOTES.md): the profiler record, hook dispatch, and
         _init_group's per-parameter checks and state lookups. Those checks are made here once,
         and fit asks again at every epoch; between two of its steps nothing else runs, so what
         they checked still holds.
