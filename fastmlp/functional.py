@@ -12,11 +12,12 @@ def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
                activation="relu") -> torch.Tensor:
     """act(input @ weight.T + bias) in one fused kernel, forward and backward.
 
-    activation: None, a name from fastmlp.ACTIVATIONS ("relu", "leaky_relu", "gelu",
-    "gelu_tanh", "silu", "sigmoid", "tanh", "none"), or the matching torch module
-    (``nn.LeakyReLU(0.2)``, ``nn.GELU(approximate="tanh")``, ...). Same shapes as
-    ``act(F.linear(input, weight, bias))``: input [..., in_features], weight
-    [out_features, in_features], bias [out_features] or None.
+    activation: None, a name from fastmlp.ACTIVATIONS (the rows of fastmlp/activations.py), or
+    the matching torch module (``nn.LeakyReLU(0.2)``, ``nn.GELU(approximate="tanh")``, ...).
+    Same shapes as ``act(F.linear(input, weight, bias))``: input [..., in_features], weight
+    [out_features, in_features], bias [out_features] or None; also what else F.linear takes
+    (fastmlp.ops._linear_layout): a bias of shape [1, out_features], [1] or (), a 1-D weight
+    [in_features] (the output drops its last dimension), gradients in the callers' shapes.
     """
     name, alpha = activations.resolve(activation)
     return fused_linear(input, weight, bias, name, alpha)

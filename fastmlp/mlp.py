@@ -5,7 +5,7 @@ What it computes is exactly the equivalent ``nn.Sequential``; how, is decided pe
 * ``"torch"``: the child modules' own forward, in order (what nn.Sequential does). This is the
   torch backend (CPU by default, float64 on GPUs), as everywhere in fastmlp.
 * ``"fused"`` (Triton backend): the whole stack in one autograd node, ``fastmlp::mlp`` and
-  ``fastmlp::mlp_backward`` (fastmlp/kernels/mlp.py): one kernel streams each row tile through
+  ``fastmlp::mlp_backward`` (kernels/mlp_kernels.py): one kernel streams each row tile through
   every layer with its activations kept in registers; backward walks the layers top down per row
   tile (each layer's activation derivative applied in the epilogue of the layer above's dX GEMM)
   and then computes every weight gradient as a plain GEMM of the masked gradients, all middle
@@ -19,11 +19,22 @@ What it computes is exactly the equivalent ``nn.Sequential``; how, is decided pe
   (forward, plus backward when gradients are needed) and keeps the faster, so the fused path is
   never slower than the per-layer one by more than timing noise. A given choice is deterministic.
 
+Higher derivatives: the fused path's backward is the kernels' unless autograd builds a graph of
+it (create_graph=True); then the stack is recomputed from its inputs with torch's ops and each
+layer's gradient taken with the activation's torch backward op (``_differentiable_backward``), so
+every derivative is nn.Sequential's. Under torch.func transforms and forward-mode AD the module
+takes the torch path on either backend (fastmlp.ops.composite_only).
+
 State: the children are named as in the equivalent nn.Sequential ("0" Linear, "1" activation,
 "2" Linear, ...), so ``state_dict`` keys and shapes are the Sequential's and either loads the
 other's. ``FusedMLP.from_sequential(seq)`` keeps seq's own child names and modules (parameters
 shared, not copied). Hooks registered on the children do not run on the Triton paths (the
-children are parameter holders there); hooks on the FusedMLP itself do.
+children are parameter holders there); hooks on the FusedMLP itself do. So ``from_sequential``
+refuses a Sequential whose children (or itself, or torch's global module hooks) have hooks that
+would be skipped, and ``fastmlp.fuse(mlp=True)`` leaves such a stack to the per-pair pass, which
+leaves a hooked Linear as it is. While a child has a call hook registered after the FusedMLP
+was built, or a global module hook is registered, the stack takes the torch path (its children
+called in turn), so the hooks run as in nn.Sequential (``FusedMLP._hooked``).
 """
 
 import contextlib
@@ -34,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmlp import activations, backend, ops
+from fastmlp import activations, backend, hooks, ops, sharding
 
-__all__ = ["FusedMLP", "fuse_sequentials", "use_path", "PATHS"]
+__all__ = ["FusedMLP", "fuse_sequentials", "hook_blocker", "use_path", "PATHS"]
 
 PATHS = ("auto", "fused", "per-layer")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -124,11 +135,7 @@ def _parse(named: Sequence[Tuple[str, nn.Module]], where: str):
 
 def _module_for(name: str, alpha: float) -> nn.Module:
     """The torch module of an activation (name, alpha); nn.Identity for "none"."""
-    if name == "leaky_relu":
-        return nn.LeakyReLU(alpha)
-    if name == "gelu_tanh":
-        return nn.GELU(approximate="tanh")
-    return activations.get(name).module()
+    return activations.get(name).new_module(alpha)
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,19 +349,59 @@ def _backward(spec, x, weights, saved, s_out, grad, needs_x, needs_w, needs_b, u
     return dx, dws, dbs
 
 
+def _differentiable_backward(spec, x, weights, biases, grad, needs_x, needs_w, needs_b):
+    """(dX, [dW], [db]) of the stack in torch's differentiable ops, for a backward that runs with
+    grad mode on (create_graph=True): the forward recomputed from the inputs (which keep their
+    history; the kernels' saved activations have none), then each layer's gradients as
+    fastmlp.ops.differentiable_backward computes one layer's (the activation's torch backward
+    op, so every derivative is torch's). Gradients not asked for are None; the walk down stops
+    at the lowest layer anything is asked of."""
+    activation, alpha, out_activation, out_alpha = spec
+    L = len(weights)
+    acts = [(activation, alpha)] * (L - 1) + [(out_activation, out_alpha)]
+    needs_b = list(needs_b) if biases else [False] * L
+    asked = [needs_w[i] or needs_b[i] for i in range(L)]
+    lowest = 0 if needs_x else (asked.index(True) if True in asked else L)
+    dws, dbs, dx = [None] * L, [None] * len(biases), None
+    with ops._autocast_off(x.device.type):
+        inputs, layers = [x], []
+        for i, (w, (name, a)) in enumerate(zip(weights, acts)):
+            z, h = ops.torch_preact(inputs[-1], w, biases[i] if biases else None, name, a)
+            layers.append((z, h))
+            inputs.append(h)
+        g = grad
+        for i in range(L - 1, lowest - 1, -1):
+            name, a = acts[i]
+            dz = ops.torch_activation_grad(g, *layers[i], name, a)
+            g, dws[i], db = ops.torch_linear_grads(dz, inputs[i], weights[i],
+                                                   i > lowest or needs_x, needs_w[i], needs_b[i])
+            if biases:
+                dbs[i] = db
+        if needs_x:
+            dx = g
+    return dx, dws, dbs
+
+
 def _op_setup_context(ctx, inputs, output):
     x, weights, biases, activation, alpha, out_activation, out_alpha, save = inputs
     y, saved, z_out = output
     ctx.spec = (activation, alpha, out_activation, out_alpha)
     ctx.num_weights = len(weights)
-    ctx.save_for_backward(x, saved, _s_out(out_activation, out_alpha, y, z_out), *weights)
+    ctx.save_for_backward(x, saved, _s_out(out_activation, out_alpha, y, z_out), *weights,
+                          *biases)
 
 
 def _op_backward(ctx, grad_y, grad_saved, grad_z_out):
-    x, saved, s_out, *weights = ctx.saved_tensors
+    x, saved, s_out, *params = ctx.saved_tensors
+    weights, biases = params[:ctx.num_weights], params[ctx.num_weights:]
     needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-    dx, dws, dbs = _backward(ctx.spec, x, weights, saved, s_out, grad_y, needs_x, needs_w,
-                             needs_b, use_op=True)
+    if torch.is_grad_enabled() or ops.composite_only() or ops.batched_gradient(grad_y):
+        # create_graph=True, a torch.func transform, or a batched gradient (see ops._backward)
+        dx, dws, dbs = _differentiable_backward(ctx.spec, x, weights, biases, grad_y, needs_x,
+                                                needs_w, needs_b)
+    else:
+        dx, dws, dbs = _backward(ctx.spec, x, weights, saved, s_out, grad_y, needs_x, needs_w,
+                                 needs_b, use_op=True)
     return dx, dws, dbs, None, None, None, None, None
 
 
@@ -363,7 +410,7 @@ mlp_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 class _MLPFunction(torch.autograd.Function):
     """The eager form of fastmlp::mlp + its autograd: the same formula without the op dispatch
-    (~30 µs a call, more than the kernels on launch-bound shapes). apply(spec, n, x, *W, *b)."""
+    (its Python dispatch costs more than the kernels on launch-bound shapes: bench/NOTES.md). apply(spec, n, x, *W, *b)."""
 
     @staticmethod
     def forward(ctx, spec, num_weights, x, *params):
@@ -372,19 +419,30 @@ class _MLPFunction(torch.autograd.Function):
         y, saved, z_out = _forward_impl(x, weights, biases or None, activation, alpha,
                                         out_activation, out_alpha, True)
         ctx.spec, ctx.num_weights, ctx.has_bias = spec, num_weights, bool(biases)
+        # The biases only feed the differentiable backward: kept on ctx with their versions (as
+        # ops._save_for_backward does for one layer), so that changing one in place before a
+        # first-order backward is allowed, as with nn.Linear.
+        ctx.biases, ctx.bias_versions = biases, [b._version for b in biases]
         ctx.save_for_backward(x, saved, _s_out(out_activation, out_alpha, y, z_out), *weights)
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels have no second derivative
     def backward(ctx, grad):
+        # The kernels' backward, or (grad mode on: create_graph=True) torch's differentiable ops.
         x, saved, s_out, *weights = ctx.saved_tensors
         n = ctx.num_weights
         flags = ctx.needs_input_grad[2:]
         needs_x, needs_w = flags[0], list(flags[1:1 + n])
         needs_b = list(flags[1 + n:]) if ctx.has_bias else []
-        dx, dws, dbs = _backward(ctx.spec, x, weights, saved, s_out, grad, needs_x, needs_w,
-                                 needs_b, use_op=False)
+        if torch.is_grad_enabled() or ops.composite_only() or ops.batched_gradient(grad):
+            # see ops._backward
+            biases = [ops.unchanged_bias(b, v, "FusedMLP")
+                      for b, v in zip(ctx.biases, ctx.bias_versions)]
+            dx, dws, dbs = _differentiable_backward(ctx.spec, x, weights, biases, grad,
+                                                    needs_x, needs_w, needs_b)
+        else:
+            dx, dws, dbs = _backward(ctx.spec, x, weights, saved, s_out, grad, needs_x, needs_w,
+                                     needs_b, use_op=False)
         return (None, None, dx, *dws, *dbs)
 
 
@@ -426,8 +484,16 @@ def _fusable(x, weights, biases, acts) -> bool:
     While torch.compile traces, torch's TF32 switch cannot be read (dynamo cannot trace its
     getter; the op reads it when it runs): fp32 then takes the fused path only at widths that
     both fp32 modes fuse.
+
+    A stack with a width of 0 anywhere (nn.Linear allows in_features=0 and out_features=0)
+    takes the per-layer path: it computes only bias terms, which is no work to fuse, and the
+    per-layer launchers skip every empty GEMM outright (kernels/linear_act.py), whereas
+    the fused kernels would run with zero-size operands and padded tiles of nothing, a case the
+    interpreter can check but no GPU run has.
     """
     if len(weights) < 2 or len(set(acts[:-1])) != 1:
+        return False
+    if any(0 in w.shape for w in weights):
         return False
     if any(b is None for b in biases) and any(b is not None for b in biases):
         return False
@@ -489,7 +555,7 @@ def _choose(x2, weights, biases, acts) -> str:
         # a static choice while tracing (no timing, no TF32 switch to read), and for tensor
         # subclasses (FakeTensor, ...: the op path of _run_fused; there is nothing to time)
         return "fused"
-    if x2.device.type != "cuda" or not tuning.autotune_enabled():
+    if x2.device.type != "cuda" or not tuning.autotune_enabled() or tuning.ranks_must_agree():
         return _choices.get(_bucket_key(x2, weights, biases, acts), "fused")
     key = _bucket_key(x2, weights, biases, acts)
     choice = _choices.get(key)
@@ -522,7 +588,10 @@ class FusedMLP(nn.Module):
 
     Args:
         in_features, out_features: the first layer's input and the last layer's output width.
-        hidden_features: the hidden widths, one per hidden layer (at least one).
+        hidden_features: the hidden widths, one per hidden layer. An empty list is one Linear
+            (then ``output_activation``): ``nn.Sequential(nn.Linear)`` is an MLP too, and
+            ``from_sequential`` takes it, so the constructor does. Every width may be 0, as
+            nn.Linear's may (in_features=0: the output is the bias, through the activations).
         activation: after every hidden layer: None, a name from fastmlp.ACTIVATIONS, or a torch
             activation module (nn.ReLU(), nn.LeakyReLU(0.2), nn.GELU(), ...).
         bias: whether every Linear has a bias.
@@ -545,10 +614,13 @@ class FusedMLP(nn.Module):
             raise TypeError(f"fastmlp FusedMLP: hidden_features must be a list of ints, got "
                             f"{hidden_features!r}")
         widths = [in_features, *hidden_features, out_features]
-        if len(hidden_features) < 1 or any(not isinstance(n, int) or n < 1 for n in widths):
-            raise ValueError(f"fastmlp FusedMLP: widths must be positive ints with at least one "
-                             f"hidden layer, got in_features={in_features!r}, hidden_features="
-                             f"{list(hidden_features)!r}, out_features={out_features!r}")
+        got = (f"in_features={in_features!r}, hidden_features={list(hidden_features)!r}, "
+               f"out_features={out_features!r}")
+        if any(not isinstance(n, int) or isinstance(n, bool) for n in widths):
+            raise TypeError(f"fastmlp FusedMLP: widths must be ints, got {got}")
+        if any(n < 0 for n in widths):
+            raise ValueError(f"fastmlp FusedMLP: widths must be non-negative (0 is allowed, as "
+                             f"in nn.Linear), got {got}")
         act, out_act = activations.resolve(activation), activations.resolve(output_activation)
         modules: List[nn.Module] = []
         for i, (k, n) in enumerate(zip(widths[:-1], widths[1:])):
@@ -565,12 +637,24 @@ class FusedMLP(nn.Module):
         """A FusedMLP over seq's own modules (parameters shared, not copied), same child names.
 
         seq may hold nn.Linear (or fastmlp.FusedLinear), supported activation modules (at most
-        one after each Linear) and nn.Identity; anything else is an error naming the module.
+        one after each Linear) and nn.Identity; anything else is an error naming the module. A
+        single Linear (with or without an activation after it) is an MLP without hidden layers,
+        as ``FusedMLP(in, [], out)`` is.
+
+        Hooks: a hook the FusedMLP would not run (on a child, on seq itself, or one of torch's
+        global module hooks; see ``hook_blocker``) is a ValueError naming the module and the
+        hook, rather than a model that silently computes something else on the Triton backend.
         """
         if not isinstance(seq, nn.Sequential):
             raise TypeError(f"fastmlp FusedMLP.from_sequential: expected an nn.Sequential, got "
                             f"{type(seq).__name__}")
         _parse(list(seq.named_children()), "FusedMLP.from_sequential")
+        why = hook_blocker(seq)
+        if why is not None:
+            raise ValueError(
+                f"fastmlp FusedMLP.from_sequential: {why}: a FusedMLP stands in for the "
+                f"nn.Sequential and computes the stack without calling its children on the Triton "
+                f"backend. Remove the hook, register it on the FusedMLP, or keep the nn.Sequential")
         mlp = cls.__new__(cls)
         nn.Module.__init__(mlp)
         for name, module in seq.named_children():
@@ -590,7 +674,7 @@ class FusedMLP(nn.Module):
 
     def _plan(self):
         """(linears, acts) of the current children, parsed again whenever a child or an
-        activation's parameter changed (a key of ~30 attribute reads; the parse costs ~20 µs)."""
+        activation's parameter changed (a key of a few dozen attribute reads, far cheaper than the parse: bench/NOTES.md)."""
         key = tuple((m, getattr(m, "negative_slope", None), getattr(m, "approximate", None),
                      getattr(m, "activation", None), getattr(m, "activation_alpha", None))
                     for m in self._modules.values())
@@ -623,19 +707,36 @@ class FusedMLP(nn.Module):
         weights = [lin.weight for lin in linears]
         biases = [lin.bias for lin in linears]
         _check_inputs(input, weights, biases)
+        sharding.check_fused_mlp(weights, biases, input)   # a TP plan on the layers: an error
         x, weights, biases = _autocast(input, weights, biases)
         _check_same(x, weights, biases)
         return x, weights, biases, acts
 
+    def _hooked(self) -> bool:
+        """Whether a child has a call hook (registered after this FusedMLP was built: fuse and
+        from_sequential leave hooked stacks alone) or torch has a global module hook. The
+        kernels would skip them, so the stack then runs module by module, as nn.Sequential
+        runs it, and every hook sees what it would see there."""
+        if hooks.global_module_hook() is not None:
+            return True
+        return any(getattr(m, name) for m in self._modules.values() for name in hooks.CALL_HOOKS)
+
     def path(self, input: torch.Tensor) -> str:
         """Which computation forward(input) takes now: "torch", "fused" or "per-layer"."""
         x, weights, biases, acts = self._prepare(input)
+        if self._hooked():
+            return "torch"
         return _choose(_rows(x), weights, biases, acts)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if isinstance(input, torch.Tensor) and not backend.uses_triton(input.device, input.dtype):
+        if isinstance(input, torch.Tensor) and (
+                not backend.uses_triton(input.device, input.dtype)
+                or ops.composite_only() or self._hooked()):
             # The torch path is the children's own forward, as nn.Sequential runs it; the input
-            # checks run only to turn a failure into fastmlp's error message.
+            # checks run only to turn a failure into fastmlp's error message. torch.func
+            # transforms and forward-mode AD take it on the Triton backend too (see
+            # fastmlp.ops.composite_only), and so does a stack with a hook (_hooked).
+            sharding.check_fused_mlp_module(self)   # as on the Triton path (_prepare)
             try:
                 h = input
                 for module in self._modules.values():
@@ -657,22 +758,66 @@ class FusedMLP(nn.Module):
 def fuse_sequentials(model: nn.Module) -> nn.Module:
     """Replace every nn.Sequential in `model` that FusedMLP.from_sequential accepts and that has
     at least two Linear layers by a FusedMLP over the same modules: parameters shared, state_dict
-    keys unchanged. Returns the model (a FusedMLP if `model` itself is such a Sequential)."""
-    def convert(module):
+    keys unchanged. A stack with hooks that a FusedMLP would not run (see ``hook_blocker``) is
+    left as it is. Returns the model (a FusedMLP if `model` itself is such a Sequential)."""
+    return stacks_to_fused_mlps(model)[0]
+
+
+def stacks_to_fused_mlps(model: nn.Module) -> Tuple[nn.Module, List[Tuple[str, str]]]:
+    """fuse_sequentials(model) and what it did with each stack: (qualified name, outcome) for
+    every exact nn.Sequential with two or more Linear children, outcome "FusedMLP" or why it
+    was left (not a stack FusedMLP computes, or hooks it would not run). fastmlp.fuse(mlp=True)
+    puts these in its report."""
+    outcomes: List[Tuple[str, str]] = []
+
+    def convert(module, name):
         if type(module) is not nn.Sequential:
             return None
-        try:
-            linears, _ = _parse(list(module.named_children()), "fuse")
-        except (TypeError, ValueError):
+        if sum(_linear_of(m) is not None for m in module.children()) < 2:
             return None
-        return FusedMLP.from_sequential(module) if len(linears) >= 2 else None
+        try:
+            _parse(list(module.named_children()), "fuse")
+        except (TypeError, ValueError) as exc:
+            outcomes.append((name, str(exc).replace("fastmlp fuse: ", "", 1)))
+            return None
+        why = hook_blocker(module)
+        if why is not None:
+            outcomes.append((name, why))
+            return None
+        outcomes.append((name, "FusedMLP"))
+        return FusedMLP.from_sequential(module)
 
-    root = convert(model)
+    root = convert(model, "")
     if root is not None:
-        return root
-    for parent in list(model.modules()):
+        return root, outcomes
+    for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            replacement = convert(child)
+            replacement = convert(child, f"{parent_name}.{name}" if parent_name else name)
             if replacement is not None:
                 parent._modules[name] = replacement
-    return model
+    return model, outcomes
+
+
+def hook_blocker(seq: nn.Sequential) -> Optional[str]:
+    """Why a FusedMLP over seq's modules would not run a hook that seq runs, or None.
+
+    A FusedMLP on the Triton backend computes the stack without calling its children, so their
+    call hooks (forward pre-, forward, backward pre-, backward hooks: fastmlp.hooks.CALL_HOOKS)
+    would not run, nor would torch's global module hooks see the layers; and it stands in for
+    seq, so every hook on seq itself (its state_dict hooks too) would be gone. The children's
+    state_dict hooks still run: the FusedMLP holds the very same child modules. The check is
+    fastmlp.hooks', the one fastmlp.fuse applies to each Linear it fuses.
+    """
+    found = hooks.global_module_hook()
+    if found is not None:
+        return f"{found} is registered (a FusedMLP would hide the stack's layers from it)"
+    found = hooks.registered(seq, hooks.ALL_HOOKS)
+    if found:
+        return (f"the nn.Sequential itself has {', '.join(found)} registered (a FusedMLP would "
+                f"stand in for it without them)")
+    for name, module in seq.named_children():
+        found = hooks.registered(module, hooks.CALL_HOOKS)
+        if found:
+            return (f"module {name!r} ({type(module).__name__}) has {', '.join(found)} registered "
+                    f"(a FusedMLP would not run them)")
+    return None

@@ -15,21 +15,27 @@ Layers of this file, bottom up:
    kernels or to the torch implementation (fastmlp.backend decides).
 4. One autograd formula (``_save_for_backward`` / ``_backward``), used both by the registered op
    (``register_autograd``) and by ``FusedLinearFunction``, the public autograd.Function. It saves
-   X, W and the one tensor the activation's derivative needs (fastmlp/activations.py): Y for
-   relu, leaky_relu with a positive slope, sigmoid and tanh; the pre-activation Z for gelu,
-   gelu_tanh, silu (the forward writes it only when autograd will need it); nothing more for
-   "none". Backward computes only the gradients autograd asks for.
+   X, W and the one tensor the activation's derivative needs (its row's ``saves``,
+   kernels/activations.py): the output Y, or the pre-activation Z (the forward writes it only
+   when autograd will need it), or nothing more ("none"), and b (the parameter itself: no
+   memory). Backward computes only the gradients autograd asks for: with the kernels, or, when
+   autograd builds a graph of the backward (create_graph=True), with torch's differentiable ops
+   recomputed from X, W and b (``differentiable_backward``), so higher derivatives are torch's.
+   Under torch.func transforms and forward-mode AD the layer is torch's composite
+   (``composite_only``).
 5. ``fused_linear``: the front used by fastmlp.functional and the modules; applies autocast the
    way nn.Linear does (every float16/bfloat16/float32 input cast to the autocast dtype).
 """
 
+import contextlib
 import functools
 import math
 from typing import Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
-from fastmlp import activations, backend
+from fastmlp import activations, backend, sharding
 
 ACTIVATIONS = activations.ACTIVATIONS
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -75,6 +81,7 @@ def check_linear_inputs(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
         got = f"input on {x.device}, weight on {weight.device}" + (
             f", bias on {bias.device}" if bias is not None else "")
         raise ValueError(f"fastmlp linear: tensors are on different devices ({got})")
+    sharding.check_mixed("linear", input=x, weight=weight, bias=bias)   # DTensors with plain ones
 
 
 def _allow_tf32() -> bool:
@@ -97,7 +104,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _kernels():
-    """Import the Triton launchers only when a Triton path runs (importing triton costs ~1 s)."""
+    """Import the Triton launchers only when a Triton path runs (importing triton is slow:
+    bench/NOTES.md)."""
     from fastmlp.kernels import linear_act
     return linear_act
 
@@ -111,9 +119,9 @@ def saved_for_backward(activation: str, alpha: float, y, z):
 # --------------------------------------------------------------------------------------------
 # The torch implementation (torch backend; the autotuner's torch candidate)
 # --------------------------------------------------------------------------------------------
-# cuBLASLt's GEMM epilogues, through torch._addmm_activation: relu, and GELU's tanh form. They
-# compute the activation on the fp32 accumulator (one rounding, as the kernels do).
-_EPILOGUES = {"relu": False, "gelu_tanh": True}   # activation -> use_gelu
+# cuBLASLt's GEMM epilogues, through torch._addmm_activation, for the activations whose row names
+# one (``epilogue``: "relu", or "gelu", GELU's tanh form). They compute the activation on the fp32
+# accumulator (one rounding, as the kernels do).
 
 
 _EPILOGUE_KEEPS_NAN = {}   # (device, dtype) -> bool, see _epilogue_keeps_nan
@@ -139,10 +147,10 @@ def _epilogue_keeps_nan(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _use_epilogue(x: torch.Tensor, bias, activation: str) -> bool:
-    if activation not in _EPILOGUES or bias is None or x.device.type != "cuda" or \
-            x.dtype == torch.float64:
+    epilogue = activations.get(activation).epilogue
+    if epilogue is None or bias is None or x.device.type != "cuda" or x.dtype == torch.float64:
         return False
-    if activation == "relu":
+    if epilogue == "relu":
         known = _EPILOGUE_KEEPS_NAN.get((x.device, x.dtype))
         if known is None and torch.cuda.is_current_stream_capturing():
             return False   # the probe cannot run inside a capture; addmm + relu can
@@ -155,7 +163,7 @@ def torch_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """(Y, Z or None) for 2-D x with torch's ops; Z only when save_preact."""
     if not save_preact and _use_epilogue(x, bias, activation):
         return torch._addmm_activation(bias, x, weight.t(),
-                                       use_gelu=_EPILOGUES[activation]), None
+                                       use_gelu=activations.get(activation).epilogue == "gelu"), None
     z = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
     if activation == "none":
         return z, (z if save_preact else None)
@@ -253,10 +261,10 @@ def _(grad, saved, x, activation, alpha, compute_weight, compute_bias):
 def _call(op, impl, *args):
     """The plain function for plain tensors in eager mode, the registered op otherwise.
 
-    The op costs ~30 µs of Python dispatch per call, more than the kernel on the seed's
-    launch-bound shapes. Whenever something traces (torch.compile, or make_fx / AOT autograd,
-    whose tensors are FakeTensor or FunctionalTensor subclasses) the op must be used: it is an
-    opaque node with a fake kernel, and a Triton launch cannot run on fake tensors.
+    The op's Python dispatch costs more per call than the kernel takes on the seed's
+    launch-bound shapes (bench/NOTES.md). Whenever something traces (torch.compile, or make_fx /
+    AOT autograd, whose tensors are FakeTensor or FunctionalTensor subclasses) the op must be
+    used: it is an opaque node with a fake kernel, and a Triton launch cannot run on fake tensors.
     """
     if torch.compiler.is_compiling() or type(args[0]) is not torch.Tensor:
         return op(*args)
@@ -283,18 +291,118 @@ def linear_act_backward(grad, x, weight, saved, activation, alpha, needs_x, need
     return dx, dw, db
 
 
-def _save_for_backward(ctx, x2, weight, bias, activation, alpha, y2, z2):
+# --------------------------------------------------------------------------------------------
+# The differentiable backward (create_graph=True): torch's ops, recomputed from the inputs
+# --------------------------------------------------------------------------------------------
+# The kernels compute the first-order gradients, but autograd cannot see inside them: a graph of
+# those gradients (dL/dx in an eikonal or PINN loss, gradient penalties, Hessian-vector products)
+# needs them as torch ops. When a backward runs with grad mode on (create_graph=True), the
+# layer's gradients are therefore computed again from the saved *inputs* (which keep their
+# autograd history when unpacked: the saved Y or Z is not an input and has none) with the ops
+# torch's own nn.Linear + activation graph runs: Z = F.linear(X, W, b), Y = act(Z), and the
+# activation's torch backward op (threshold_backward, tanh_backward, gelu_backward, ...: each
+# differentiable in torch, so any order of derivative is torch's own, ReLU's 0 at exactly 0
+# included). One extra GEMM per layer, and only on that path.
+def torch_preact(x, weight, bias, activation, alpha):
+    """(Z, Y) of one layer with torch's differentiable ops (the forward torch's graph records)."""
+    z = torch.nn.functional.linear(x, weight, bias)
+    return z, activations.get(activation).torch_forward(z, alpha)
+
+
+def torch_activation_grad(grad, z, y, activation, alpha):
+    """G ⊙ act'(Z) with the activation's torch backward op, given Z and Y = act(Z) (both with
+    their history, so this is differentiable in G, and through Z and Y in X, W and b)."""
+    row = activations.get(activation)
+    saves = row.saves(alpha)
+    if saves == "nothing":
+        return grad
+    return row.differentiable_backward(grad, y if saves == "output" else z, alpha)
+
+
+def torch_linear_grads(dz, x, weight, needs_x, needs_w, needs_b):
+    """(dX, dW, db) of Z = X Wᵀ + b for 2-D dZ = dL/dZ and X, each only if needed (else None)."""
+    return ((dz.mm(weight) if needs_x else None), (dz.t().mm(x) if needs_w else None),
+            (dz.sum(0) if needs_b else None))
+
+
+def _autocast_off(device_type: str):
+    """A context with autocast off on device_type: the recomputed forward must run in the dtype
+    the layer ran in, even if backward is called inside an autocast region."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def differentiable_backward(grad2, x2, weight, bias, activation, alpha, needs_x, needs_w, needs_b):
+    """(dX, dW, db) of Y = act(X Wᵀ + b) for 2-D tensors, in differentiable torch ops."""
+    with _autocast_off(x2.device.type):
+        z, y = torch_preact(x2, weight, bias, activation, alpha)
+        dz = torch_activation_grad(grad2, z, y, activation, alpha)
+        return torch_linear_grads(dz, x2, weight, needs_x, needs_w, needs_b)
+
+
+def _save_for_backward(ctx, x, weight, bias, activation, alpha, y2, z2, bias_on_ctx=False):
+    """Save X (as the caller got it: an input of the Function, so it keeps its history for the
+    differentiable backward), W, b and the tensor the activation's derivative reads.
+
+    Only the differentiable backward reads b. With bias_on_ctx (the eager Function) b is kept
+    as a ctx attribute with its version instead of being saved, so that, as with nn.Linear, an
+    in-place change to the bias between forward and a first-order backward is allowed; the
+    differentiable backward refuses a changed bias (unchanged_bias). The registered op
+    (dispatched for DTensors) and the Function while dynamo traces it (a tensor's version is
+    no value there: it would become an unbacked symbol) save it like the others."""
     ctx.activation = activation
     ctx.alpha = alpha
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(x2, weight, saved_for_backward(activation, alpha, y2, z2))
+    ctx.bias_on_ctx = bias_on_ctx
+    saved = saved_for_backward(activation, alpha, y2, z2)
+    if bias_on_ctx:
+        ctx.bias, ctx.bias_version = bias, (bias._version if bias is not None else None)
+        ctx.save_for_backward(x, weight, saved)
+    else:
+        ctx.save_for_backward(x, weight, bias, saved)
+
+
+def unchanged_bias(bias, version, what="fused layer"):
+    """The bias kept on ctx, refused if it was changed in place since forward (its old value,
+    which the recomputed forward needs, is gone)."""
+    if bias is not None and bias._version != version:
+        raise RuntimeError(
+            f"fastmlp {what}: its bias was modified in place after the forward, and a backward "
+            f"with create_graph=True recomputes the layer from it. Change it after the backward "
+            f"(or out of place)")
+    return bias
+
+
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
+def batched_gradient(grad: torch.Tensor) -> bool:
+    """Whether a backward's incoming gradient is one of the batched tensors of
+    autograd.grad(is_grads_batched=True) or autograd.functional.jacobian(vectorize=True): they
+    vmap the backward with torch's legacy batching, which no functorch transform flag shows, and
+    a Triton launch cannot read their storage, so the backward takes torch's ops. (Not while
+    dynamo traces: it cannot trace the check, and a traced backward gets no such gradient.)"""
+    return not torch.compiler.is_compiling() and _is_legacy_batched(grad)
 
 
 def _backward(ctx, grad2):
-    """(dX, dW, db) for the 2-D gradient of Y, from what _save_for_backward kept."""
-    x2, weight, saved = ctx.saved_tensors
+    """(dX, dW, db) for the 2-D gradient of Y, from what _save_for_backward kept: the kernels'
+    first-order backward, or the differentiable one when grad mode is on (create_graph=True;
+    autograd runs a backward with grad mode on exactly then), a torch.func transform is active,
+    or the gradient is batched (batched_gradient)."""
+    if ctx.bias_on_ctx:
+        x, weight, saved = ctx.saved_tensors
+        bias = ctx.bias
+    else:
+        x, weight, bias, saved = ctx.saved_tensors
     needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
-    return linear_act_backward(grad2, x2, weight, saved, ctx.activation, ctx.alpha,
+    if torch.is_grad_enabled() or composite_only() or batched_gradient(grad2):
+        if ctx.bias_on_ctx:
+            bias = unchanged_bias(bias, ctx.bias_version)
+        return differentiable_backward(grad2, _rows(x), weight, bias, ctx.activation, ctx.alpha,
+                                       needs_x, needs_w, needs_b and ctx.has_bias)
+    return linear_act_backward(grad2, _rows(x), weight, saved, ctx.activation, ctx.alpha,
                                needs_x, needs_w, needs_b and ctx.has_bias)
 
 
@@ -321,17 +429,11 @@ def _needs_preact(x, weight, bias) -> bool:
 # --------------------------------------------------------------------------------------------
 # The public autograd.Function and the front used by functional / nn
 # --------------------------------------------------------------------------------------------
-class FusedLinearFunction(torch.autograd.Function):
-    """Y = act(X Wᵀ + b) with fused Triton forward and backward kernels.
-
-    ``FusedLinearFunction.apply(x, weight, bias, activation[, alpha[, save_preact]])``: x of any
-    shape [..., K], weight [N, K] (nn.Linear layout), bias [N] or None, activation a name from
-    fastmlp.ACTIVATIONS, alpha leaky_relu's negative slope (ignored by the others). For gelu,
-    gelu_tanh and silu the forward also writes the pre-activation for backward; save_preact None
-    (the default) decides from which inputs require grad, which cannot see ``torch.no_grad()``:
-    call fastmlp.functional.linear_act instead to get that, and autocast, handled as nn.Linear
-    does. Backward computes only the gradients autograd asks for.
-    """
+class _LinearActFunction(torch.autograd.Function):
+    """FusedLinearFunction's forward and backward (its docstring says what they compute), without
+    its routing of torch.func transforms: fused_linear checks those itself, inline, and calls
+    this class, which spares the per-layer hot path the Python frame of an overridden
+    ``apply`` (bench/NOTES.md)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias=None, activation="relu", alpha=0.0, save_preact=None):
@@ -342,18 +444,65 @@ class FusedLinearFunction(torch.autograd.Function):
         x2 = _rows(x)
         y2, z2 = _call(linear_act, _linear_act_impl, x2, weight, bias, activation, float(alpha),
                        save_preact)
+        if type(y2) is not torch.Tensor and type(y2).__name__ == "DTensor":
+            sharding.check_activated_output(y2, activation)
         ctx.x_shape = x.shape
-        _save_for_backward(ctx, x2, weight, bias, activation, float(alpha), y2,
-                           z2 if save_preact else None)
+        _save_for_backward(ctx, x, weight, bias, activation, float(alpha), y2,
+                           z2 if save_preact else None,
+                           bias_on_ctx=not torch.compiler.is_compiling())   # see below
         return y2 if x.dim() == 2 else y2.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels have no second derivative
     def backward(ctx, grad):
         dx, dw, db = _backward(ctx, _rows(grad))
         if dx is not None and len(ctx.x_shape) != 2:
             dx = dx.view(ctx.x_shape)
         return dx, dw, db, None, None, None
+
+
+class FusedLinearFunction(_LinearActFunction):
+    """Y = act(X Wᵀ + b) with fused Triton forward and backward kernels.
+
+    ``FusedLinearFunction.apply(x, weight, bias, activation[, alpha[, save_preact]])``: x of any
+    shape [..., K], weight [N, K] (nn.Linear layout), bias [N] or None, activation a name from
+    fastmlp.ACTIVATIONS, alpha leaky_relu's negative slope (ignored by the others). For an
+    activation whose derivative reads the pre-activation (its row's ``saves``) the forward also
+    writes it for backward; save_preact None
+    (the default) decides from which inputs require grad, which cannot see ``torch.no_grad()``:
+    call fastmlp.functional.linear_act instead to get that, and autocast, handled as nn.Linear
+    does. Backward computes only the gradients autograd asks for.
+
+    Higher derivatives: backward is the kernels' when autograd builds no graph of it, and torch's
+    differentiable ops, recomputed from the saved inputs, when it does (create_graph=True; see
+    differentiable_backward), so double backward gives torch's results. Under torch.func
+    transforms (grad, jacrev, jvp, vmap, ...) and forward-mode AD the layer is torch's composite
+    (F.linear, then the activation's torch op; see composite_only).
+    """
+
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        # A functorch transform or forward-mode AD is active: route to the composite before
+        # autograd.Function.apply refuses this (ctx-style, jvp-less) Function. torch.compile
+        # never runs this method (dynamo traces forward and backward itself).
+        if composite_only():
+            return _functorch_linear(*args, **kwargs)
+        return super().apply(*args, **kwargs)
+
+
+def composite_only() -> bool:
+    """Whether something the kernels' autograd Functions cannot serve is active: a torch.func
+    transform (grad, jacrev, jvp, vmap, ...: functorch batches and differentiates torch's ops, a
+    Triton launch has no batching rule) or a forward-mode AD level (torch.autograd.forward_ad:
+    the Functions have no jvp). Then the layers run torch's composite, which both handle."""
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+
+
+def _functorch_linear(x, weight, bias=None, activation="relu", alpha=0.0, save_preact=None):
+    """FusedLinearFunction's value where composite_only(): torch's composite, checked as the
+    Function checks its inputs (save_preact has no meaning here: autograd saves what it
+    needs)."""
+    check_linear_inputs(x, weight, bias, activation, alpha)
+    return torch_preact(x, weight, bias, activation, float(alpha))[1]
 
 
 def autocast_caster(device_type: str):
@@ -390,13 +539,59 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     instead of a Python Function, which on small CPU layers costs less than the arithmetic.
     """
     if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):
+        if weight.dim() != 2 or (isinstance(bias, torch.Tensor) and (bias.dim() != 1
+                                                       or bias.shape[0] != weight.shape[0])):
+            weight_1d = weight.dim() == 1
+            weight, bias = _linear_layout(x, weight, bias)
+            if weight_1d:  # F.linear with a 1-D weight drops the output's last dimension
+                return fused_linear(x, weight, bias, activation, alpha).squeeze(-1)
         x, weight, bias = _autocast_inputs(x, weight, bias)
-        if not torch.compiler.is_compiling() and not backend.uses_triton(x.device, x.dtype):
+        if not torch.compiler.is_compiling() and (
+                not backend.uses_triton(x.device, x.dtype)
+                or torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0):
+            # torch's ops: the torch backend, and (composite_only, written out: this is the
+            # per-layer hot path) torch.func transforms and forward-mode AD on any backend
             check_linear_inputs(x, weight, bias, activation, alpha)
             y = torch.nn.functional.linear(x, weight, bias)
             if activation == "relu":
-                return torch.relu_(y)
+                # in place on a fresh plain tensor; a DTensor may be a Partial sum (row-parallel),
+                # which DTensor must all-reduce first: out of place
+                return torch.relu_(y) if type(y) is torch.Tensor else torch.relu(y)
             return activations.get(activation).torch_forward(y, alpha)
         save_preact = _needs_preact(x, weight, bias)
-        return FusedLinearFunction.apply(x, weight, bias, activation, alpha, save_preact)
+        return _LinearActFunction.apply(x, weight, bias, activation, alpha, save_preact)
     return FusedLinearFunction.apply(x, weight, bias, activation, alpha)
+
+
+def _linear_layout(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """(weight as [N, K], bias as [N] or None) for the other shapes torch.nn.functional.linear
+    takes, as views made by differentiable torch ops outside the kernels' Function, so autograd
+    gives each gradient the caller's shape (the bias gradient summed back by expand's backward).
+
+    Accepted, as F.linear accepts them for every input: a 2-D weight [N, K] with a bias of shape
+    [N], [1, N], [1] or () (broadcast over the N outputs); a 1-D weight [K] (the output drops its
+    last dimension; fused_linear squeezes it) without bias, or with a 0-d bias when the input is
+    not 2-D (F.linear refuses a bias with a 1-D weight for a 2-D input). Refused with a
+    ValueError: a 0-d or 3-D+ weight (F.linear refuses them), a bias that does not broadcast to
+    [N] alone (a [M, N] bias, which F.linear's addmm path would add per row, is not a bias the
+    kernels add), and the rarer biases F.linear takes only for some input ranks or layouts.
+    """
+    if weight.dim() not in (1, 2):
+        raise ValueError(f"fastmlp linear: weight must be 2-D [out_features, in_features] (or "
+                         f"1-D [in_features], as F.linear takes), got shape {tuple(weight.shape)}")
+    if weight.dim() == 1:
+        if bias is not None and (bias.dim() != 0 or x.dim() == 2):
+            raise ValueError(
+                f"fastmlp linear: with a 1-D weight {tuple(weight.shape)} the bias must be None or "
+                f"0-d, and the input not 2-D (F.linear refuses the others), got bias "
+                f"{tuple(bias.shape)} with input {tuple(x.shape)}")
+        return weight.unsqueeze(0), (bias.reshape(1) if bias is not None else None)
+    n = weight.shape[0]
+    if bias is None:
+        return weight, None
+    shape = tuple(bias.shape)
+    if shape not in ((), (1,), (n,), (1, n)):
+        raise ValueError(f"fastmlp linear: bias must have shape ({n},), (1, {n}), (1,) or () to "
+                         f"match weight {tuple(weight.shape)} (one value per output feature, "
+                         f"broadcast as F.linear does), got {shape}")
+    return weight, bias.reshape(-1).expand(n)

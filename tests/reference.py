@@ -14,6 +14,15 @@ def case_seed(*parts) -> int:
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
+def runs_kernels(device, dtype) -> bool:
+    """Whether fastmlp's Triton kernels compute for tensors of `dtype` on `device` under the
+    current backend (float64 on a GPU and the torch backend take torch's ops): what a test
+    expects FusedMLP.path() to say."""
+    import fastmlp.backend
+
+    return fastmlp.backend.uses_triton(torch.device(device), dtype)
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """‖actual − expected‖ / ‖expected‖ in float64 (absolute norm when expected is all zeros)."""
     actual = actual.detach().to(torch.float64).cpu()

@@ -242,8 +242,10 @@ def _saved_shapes(y):
 
 @pytest.mark.parametrize("activation", ACTS)
 def test_saves_x_weight_and_what_the_derivative_needs(impl, activation):
-    """X, W, and Y (relu, leaky_relu with slope > 0, sigmoid, tanh), the pre-activation Z (gelu,
-    gelu_tanh, silu, leaky_relu with slope <= 0), or nothing more ("none")."""
+    """X, W, and Y (relu, leaky_relu with slope > 0, sigmoid, tanh), the pre-activation Z
+    (gelu, gelu_tanh, silu, leaky_relu with slope <= 0), or nothing more ("none"). b is not
+    saved (kept on ctx for the create_graph backward: an in-place change to it before a
+    first-order backward is allowed, as with nn.Linear)."""
     name, alpha = activations.resolve(activation)
     saves = activations.get(name).saves(alpha)
     x, w, b = _inputs((9,), 12, 7, torch.float32, impl)
@@ -502,15 +504,43 @@ def test_expanded_input_with_stride_zero(impl):
         _check_all(x.detach(), w, b, activation, torch.float32, f"expanded {activation}")
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu"])
-def test_double_backward_is_refused_not_wrong(activation):
-    """The fused backward has no derivative of its own: asking for one is an error, never zeros."""
-    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
-    y = fastmlp.FusedLinearFunction.apply(x, w, None, activation)
-    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        gx.sum().backward()
+# What F.linear takes besides weight [N, K] and bias [N]: a bias broadcast over the N outputs
+# ([1, N], [1], 0-d) and a 1-D weight [K] (the output drops its last dimension), with a 0-d bias
+# where F.linear takes one. (lead dims of X, weight shape, bias shape or None); K = 7, N = 5.
+F_LINEAR_SHAPES = [
+    ((3,), (5, 7), (1, 5)), ((3,), (5, 7), ()), ((3,), (5, 7), (1,)),
+    ((2, 3), (5, 7), (1, 5)), ((2, 3), (5, 7), ()), ((), (5, 7), (1, 5)), ((), (5, 7), ()),
+    ((3,), (1, 7), ()), ((3,), (7,), None), ((2, 3), (7,), None), ((2, 3), (7,), ()),
+    ((), (7,), None), ((), (7,), ()),
+]
+
+
+@pytest.mark.parametrize("lead,w_shape,b_shape", F_LINEAR_SHAPES, ids=str)
+@pytest.mark.parametrize("activation", ["relu", "tanh", None], ids=["relu", "tanh", "none"])
+def test_bias_and_weight_shapes_f_linear_takes(impl, lead, w_shape, b_shape, activation):
+    """Forward and every gradient, each of the caller's shape, against F.linear + activation in
+    float64 (the bias gradient summed over the outputs it was broadcast to)."""
+    gen = torch.Generator().manual_seed(case_seed(lead, w_shape, b_shape, activation))
+    x = torch.randn(*lead, 7, generator=gen, dtype=torch.float64).to(impl).requires_grad_()
+    w = torch.randn(w_shape, generator=gen, dtype=torch.float64).to(impl).requires_grad_()
+    b = (torch.randn(b_shape, generator=gen, dtype=torch.float64).to(impl).requires_grad_()
+         if b_shape is not None else None)
+    expected_shape = nn.functional.linear(x.detach(), w.detach(),
+                                          b.detach() if b is not None else None).shape
+    grad_out = torch.randn(expected_shape, generator=gen, dtype=torch.float64).to(impl)
+    y, dx, dw, db = _run(x, w, b, activation, grad_out)
+    ry, rdx, rdw, rdb = reference(x, w, b, activation, grad_out)
+    assert y.shape == ry.shape == expected_shape
+    assert_close(y, ry, torch.float64, "forward")
+    assert dx.shape == x.shape and dw.shape == w.shape
+    assert_close(dx, rdx, torch.float64, "dX")
+    assert_close(dw, rdw, torch.float64, "dW")
+    if b is not None:
+        assert db.shape == b.shape
+        assert_close(db, rdb, torch.float64, "db")
+
+
+# Double backward (create_graph=True), torch.func and gradgradcheck: tests/test_double_backward.py.
 
 
 @pytest.mark.gpu

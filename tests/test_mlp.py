@@ -11,6 +11,7 @@ float64 reference), times a small factor, rather than to a fixed number.
 """
 
 import copy
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -20,7 +21,7 @@ from torch import nn
 import fastmlp
 from fastmlp import mlp as fmlp
 from fastmlp.mlp import FusedMLP
-from reference import assert_close, case_seed, rel_err, tolerance
+from reference import assert_close, case_seed, rel_err, runs_kernels, tolerance
 
 FP32, FP16, BF16, FP64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 
@@ -114,7 +115,7 @@ def test_matches_float64_sequential(impl, case):
     name, in_f, hidden, out_f, lead, act, out_act, bias, dtype = case
     model = _build(in_f, hidden, out_f, act, out_act, bias, dtype, impl, seed=case_seed("model", name))
     x = torch.zeros(*lead, in_f, device=impl, dtype=dtype)
-    expected_path = "torch" if fastmlp.get_backend() == "torch" else "fused"
+    expected_path = "fused" if runs_kernels(impl, dtype) else "torch"
     assert model.path(x) == expected_path
     check_against_reference(model, lead, dtype, impl, seed=case_seed("inputs", name), what=name)
 
@@ -322,14 +323,153 @@ def test_from_sequential_errors_name_the_module(bad, match):
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(hidden_features=16), TypeError, "list of ints"),
-    (dict(hidden_features=[]), ValueError, "at least one hidden layer"),
-    (dict(hidden_features=[16, 0]), ValueError, "positive ints"),
+    (dict(hidden_features=[16, 2.0]), TypeError, "list of ints"),
+    (dict(hidden_features=[16, -1]), ValueError, "non-negative.*hidden_features=\\[16, -1\\]"),
     (dict(hidden_features=[16], activation="swish"), ValueError, "unknown activation 'swish'"),
     (dict(hidden_features=[16], activation=nn.Softplus()), ValueError, "Softplus"),
 ])
 def test_constructor_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         FusedMLP(4, out_features=2, **kwargs)
+    with pytest.raises(ValueError, match="non-negative.*in_features=-4"):
+        FusedMLP(-4, [8], 2)
+    with pytest.raises(TypeError, match="widths must be ints.*out_features=2.0"):
+        FusedMLP(4, [8], 2.0)
+
+
+# Widths nn.Linear allows and FusedMLP must too: 0 anywhere (nn.Linear(0, n) is a layer whose
+# output is its bias), and no hidden layer at all (one Linear, as from_sequential takes).
+# (id, in, hidden, out, output activation)
+DEGENERATE = [
+    ("in0", 0, [8], 3, None), ("in0-deep", 0, [16, 16], 3, "tanh"), ("hidden0", 5, [0], 3, None),
+    ("hidden-8-0-8", 5, [8, 0, 8], 3, "sigmoid"), ("out0", 5, [8], 0, None),
+    ("no-hidden", 5, [], 3, None), ("no-hidden-act", 5, [], 3, "tanh"), ("no-hidden-in0", 0, [], 3, None),
+]
+
+
+@pytest.mark.parametrize("case", DEGENERATE, ids=[c[0] for c in DEGENERATE])
+def test_zero_widths_and_no_hidden_layer_match_sequential(impl, case):
+    """Forward and every gradient (zero-size ones of the right shape) against torch on the
+    equivalent nn.Sequential, in float64 (the kernels run it under the interpreter); random
+    biases, so an in_features=0 output is a chain of act(bias) terms."""
+    name, in_f, hidden, out_f, out_act = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # nn.Linear's init warns on zero-element weights
+        model = FusedMLP(in_f, hidden, out_f, activation="gelu", output_activation=out_act,
+                         device=impl, dtype=FP64)
+    gen = torch.Generator().manual_seed(case_seed("degenerate", name))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=FP64) / max(p.shape[-1], 1) ** 0.5)
+    expected_path = "per-layer" if runs_kernels(impl, FP64) else "torch"
+    assert model.path(torch.zeros(2, in_f, device=impl, dtype=FP64)) == expected_path
+    assert model.hidden_features == hidden and model.in_features == in_f
+    for lead in ((7,), (2, 3)):
+        check_against_reference(model, lead, FP64, impl, seed=case_seed("x", name, lead),
+                                what=f"{name} {lead}")
+        model.zero_grad(set_to_none=True)
+
+
+def test_no_hidden_layer_is_the_same_rule_both_ways():
+    """FusedMLP(in, [], out) and from_sequential(Sequential(Linear, act)) build the same module:
+    same children, keys and parameters after the same seed."""
+    torch.manual_seed(0)
+    built = FusedMLP(5, [], 3, output_activation="tanh")
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(5, 3), nn.Tanh())
+    converted = FusedMLP.from_sequential(seq)
+    assert [type(m) for m in built] == [type(m) for m in converted] == [nn.Linear, nn.Tanh]
+    assert list(built.state_dict()) == list(converted.state_dict()) == ["0.weight", "0.bias"]
+    assert all(torch.equal(a, b) for a, b in zip(built.parameters(), converted.parameters()))
+    assert built.hidden_features == converted.hidden_features == []
+
+
+def _stack():
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize("register,words", [
+    (lambda s: s[0].register_forward_hook(lambda m, a, o: o), "module '0' (Linear) has forward_hooks"),
+    (lambda s: s[2].register_forward_pre_hook(lambda m, a: None),
+     "module '2' (Linear) has forward_pre_hooks"),
+    (lambda s: s[4].register_full_backward_hook(lambda m, gi, go: None),
+     "module '4' (Linear) has backward_hooks"),
+    (lambda s: s[4].register_full_backward_pre_hook(lambda m, go: None),
+     "module '4' (Linear) has backward_pre_hooks"),
+    (lambda s: s[3].register_forward_hook(lambda m, a, o: o), "module '3' (ReLU) has forward_hooks"),
+    (lambda s: s.register_forward_hook(lambda m, a, o: o),
+     "the nn.Sequential itself has forward_hooks"),
+    (lambda s: s.register_load_state_dict_post_hook(lambda m, k: None),
+     "the nn.Sequential itself has load_state_dict_post_hooks"),
+])
+def test_from_sequential_refuses_hooks_it_would_skip(register, words):
+    seq = _stack()
+    register(seq)
+    with pytest.raises(ValueError) as info:
+        FusedMLP.from_sequential(seq)
+    message = str(info.value)
+    assert words in message and "FusedMLP.from_sequential" in message, message
+    assert "without calling its children" in message
+
+
+def test_from_sequential_refuses_under_a_global_module_hook():
+    from torch.nn.modules import module as torch_module
+
+    def watch(m, args, out):
+        return None
+
+    handle = torch_module.register_module_forward_hook(watch)
+    try:
+        with pytest.raises(ValueError, match="a global forward hook "
+                                             r"\(register_module_forward_hook\): .*watch"):
+            FusedMLP.from_sequential(_stack())
+    finally:
+        handle.remove()
+    assert type(FusedMLP.from_sequential(_stack())) is FusedMLP
+
+
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "full_backward"])
+def test_a_hook_registered_after_the_build_runs(impl, kind):
+    """A call hook put on a child of a built FusedMLP runs, as in nn.Sequential: the stack then
+    takes the torch path (its children called in turn), on the kernels' backend too."""
+    torch.manual_seed(case_seed("late hook", kind))
+    model = FusedMLP(6, [16, 16], 4, activation="tanh", device=impl)
+    stock = nn.Sequential(OrderedDict((n, copy.deepcopy(m)) for n, m in model.named_children()))
+    seen = {}
+    hooks = {
+        "forward": lambda net: net[2].register_forward_hook(
+            lambda m, a, o: seen.setdefault(id(net), []).append("f") or o * 2),
+        "forward_pre": lambda net: net[2].register_forward_pre_hook(
+            lambda m, a: seen.setdefault(id(net), []).append("p") or (a[0] + 1,)),
+        "full_backward": lambda net: net[2].register_full_backward_hook(
+            lambda m, gi, go: seen.setdefault(id(net), []).append("b") or (gi[0] * 3,)),
+    }
+    x = torch.randn(5, 6, device=impl)
+    fused_path = model.path(x)
+    handles = [hooks[kind](net) for net in (model, stock)]
+    assert model.path(x) == "torch"
+    outs = []
+    for net in (model, stock):
+        xi = x.clone().requires_grad_()
+        y = net(xi)
+        y.backward(torch.ones_like(y))
+        outs.append((y, xi.grad))
+    assert seen[id(model)] == seen[id(stock)] and len(seen[id(model)]) == 1
+    assert_close(outs[0][0], outs[1][0], FP32, "output")
+    assert_close(outs[0][1], outs[1][1], FP32, "dX")
+    for h in handles:
+        h.remove()
+    assert model.path(x) == fused_path
+
+
+def test_from_sequential_keeps_childrens_state_dict_hooks():
+    """A child's state_dict hooks go with the child, which the FusedMLP holds: they still run."""
+    seq = _stack()
+    calls = []
+    seq[0].register_load_state_dict_post_hook(lambda m, keys: calls.append(m))
+    model = FusedMLP.from_sequential(seq)
+    model.load_state_dict(_stack().state_dict())
+    assert calls == [seq[0]]
 
 
 @pytest.mark.parametrize("backend_name", ["triton", "torch"])
