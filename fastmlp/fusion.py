@@ -28,16 +28,18 @@ that holds the Linear's own weight and bias Parameters: never a copy):
 
 What it leaves (each with its reason in the report): a Linear whose output has other users, a
 Linear called more than once or reachable under several names (shared), a subclass of nn.Linear
-(it may compute something else), a Linear or activation with hooks, a Linear under a forward that
-torch.fx cannot trace or inside torch's own modules, a pair whose traced dataflow differs between
-training and eval mode, with and without grad, or with optional forward arguments left at their
-defaults (the trace could not stand for every call), and a pair that needs a forward rewritten when
-that module cannot be rewritten faithfully (hooks, optional arguments, custom state_dict
-methods, mode-dependent forward, shared).
+(it may compute something else), a Linear or activation with hooks (every Linear while one of
+torch's global module hooks is registered: it sees every module's output), a Linear under a
+forward that torch.fx cannot trace or inside torch's own modules, a pair whose traced dataflow
+differs between training and eval mode, with and without grad, or with optional forward
+arguments left at their defaults (the trace could not stand for every call), and a pair that
+needs a forward rewritten when that module cannot be rewritten faithfully (hooks, optional
+arguments, custom state_dict methods, mode-dependent forward, shared).
 
 The work is three passes over the model (analyse, decide, apply). ``mlp=True`` first turns
-whole Sequential stacks into ``fastmlp.FusedMLP`` (fastmlp.mlp.fuse_sequentials); a FusedMLP is
-fused already and is never traced (its Linears are reported "already fused").
+whole Sequential stacks into ``fastmlp.FusedMLP`` (fastmlp.mlp.fuse_sequentials), except stacks
+with hooks a FusedMLP would not run (the report's ``stacks`` name them); a FusedMLP is fused
+already and is never traced (its Linears are reported "already fused").
 """
 
 import copy
@@ -50,15 +52,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fastmlp import activations
+from fastmlp import activations, hooks
 from fastmlp.nn import FusedLinear, fused_from
 
-__all__ = ["fuse", "FuseEntry", "FuseReport"]
+__all__ = ["fuse", "FuseEntry", "FuseReport", "StackEntry"]
 
 _LAST_IN_SEQUENTIAL = "last module of its nn.Sequential: nothing follows it there"
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-               "_load_state_dict_post_hooks")
 # nn.Module methods whose override means a rewritten GraphModule would not save/load the same state.
 _STATE_METHODS = ("state_dict", "load_state_dict", "_save_to_state_dict", "_load_from_state_dict",
                   "get_extra_state", "set_extra_state", "__getstate__", "__setstate__")
@@ -87,8 +86,31 @@ class FuseEntry:
         return f"{self.name or '(the model)'}{act}: {verdict}"
 
 
+@dataclass(frozen=True)
+class StackEntry:
+    """One nn.Sequential stack that fuse(mlp=True) looked at (two or more Linear children): its
+    qualified name and the outcome, "FusedMLP" or why it was left an nn.Sequential (its Linears
+    then go through the per-pair pass, and have FuseEntries of their own)."""
+
+    name: str
+    outcome: str
+
+    @property
+    def fused(self) -> bool:
+        return self.outcome == "FusedMLP"
+
+    def __str__(self) -> str:
+        verdict = "made a FusedMLP" if self.fused else f"left an nn.Sequential: {self.outcome}"
+        return f"{self.name or '(the model)'} (nn.Sequential stack): {verdict}"
+
+
 class FuseReport(list):
-    """The FuseEntry of every nn.Linear (and subclass) in the model, in module order."""
+    """The FuseEntry of every nn.Linear (and subclass) in the model, in module order; with
+    mlp=True, ``stacks`` holds a StackEntry per Sequential stack (else it is empty)."""
+
+    def __init__(self, entries=(), stacks=()):
+        super().__init__(entries)
+        self.stacks: List[StackEntry] = list(stacks)
 
     @property
     def fused(self) -> List[FuseEntry]:
@@ -96,6 +118,10 @@ class FuseReport(list):
 
     def __str__(self) -> str:
         lines = [f"fastmlp.fuse: fused {len(self.fused)} of {len(self)} Linear layers"]
+        if self.stacks:
+            made = sum(e.fused for e in self.stacks)
+            lines[0] += f"; {made} of {len(self.stacks)} Sequential stacks made a FusedMLP"
+        lines += [f"  {e}" for e in self.stacks]
         lines += [f"  {e}" for e in self]
         return "\n".join(lines)
 
@@ -154,7 +180,9 @@ def _is_candidate_linear(m) -> bool:
 
 
 def _hooks(m: nn.Module) -> List[str]:
-    return [name.strip("_") for name in _HOOK_DICTS if getattr(m, name, None)]
+    """m's hooks of every kind (fastmlp.hooks.ALL_HOOKS): fuse replaces the Linear it fuses (and
+    a module whose forward it rewrites), so even its state_dict hooks would be gone."""
+    return hooks.registered(m, hooks.ALL_HOOKS)
 
 
 def _is_torch_module(m: nn.Module) -> bool:
@@ -253,6 +281,9 @@ class _Fuser:
         self.blocks: Dict[int, _Block] = {}
         self.entries: Dict[int, FuseEntry] = {}
         self._wrappers: Dict[int, Optional[Tuple[str, float]]] = {}
+        # torch's global module hooks see every Linear's output and every activation's input:
+        # a fused pair would show them other values, so with one registered nothing is fused.
+        self.global_hook = hooks.global_module_hook()
 
     def _post_order(self, m, name, seen):
         if id(m) in seen:
@@ -384,22 +415,24 @@ class _Fuser:
         return None
 
     def _linear_blocker(self, lin) -> Optional[str]:
+        if self.global_hook is not None:
+            return f"{self.global_hook} (fusing would change what it sees)"
         owners = self.names[id(lin)]
         if len(self.owners.get(id(lin), ())) > 1:
             return f"shared: the same module is also {', '.join(owners[1:])}"
         if self.calls[id(lin)] > 1:
             return f"shared: called at {self.calls[id(lin)]} places"
-        hooks = _hooks(lin)
-        if hooks:
-            return f"has {', '.join(hooks)} registered (fusing would change what they see)"
+        found = _hooks(lin)
+        if found:
+            return f"has {', '.join(found)} registered (fusing would change what they see)"
         if not isinstance(lin._parameters.get("weight"), nn.Parameter):
             return "its weight is not an nn.Parameter"
         return None
 
     def _act_blocker(self, act_module, act_label) -> Optional[str]:
-        hooks = _hooks(act_module) if act_module is not None else []
-        if hooks:
-            return f"its activation {act_label} has {', '.join(hooks)} registered"
+        found = _hooks(act_module) if act_module is not None else []
+        if found:
+            return f"its activation {act_label} has {', '.join(found)} registered"
         return None
 
     def _record(self, lin, act, outcome):
@@ -523,9 +556,9 @@ class _Fuser:
         m = block.module
         if len(self.owners.get(id(m), ())) > 1:
             return f"it is shared (also {', '.join(self.names[id(m)][1:])})"
-        hooks = _hooks(m)
-        if hooks:
-            return f"it has {', '.join(hooks)} registered"
+        found = _hooks(m)
+        if found:
+            return f"it has {', '.join(found)} registered"
         custom = [meth for meth in _STATE_METHODS
                   if getattr(type(m), meth, None) is not getattr(nn.Module, meth, None)
                   and not isinstance(m, fx.GraphModule)]
@@ -696,21 +729,27 @@ def fuse(model: nn.Module, *, mlp: bool = False, verbose: bool = False,
     mlp: first replace every nn.Sequential of Linear / supported activation / Identity modules
         with two or more Linears by a ``fastmlp.FusedMLP`` over the same modules (the whole stack
         in one autograd node; parameters shared, state_dict keys unchanged; see
-        ``fastmlp.mlp.fuse_sequentials``), then fuse what is left pair by pair. Opt-in.
+        ``fastmlp.mlp.fuse_sequentials``), then fuse what is left pair by pair. A stack with a
+        hook the FusedMLP would not run (on a layer, on the Sequential, or torch's global module
+        hooks: ``fastmlp.mlp.hook_blocker``) is left to the pair pass, which leaves a hooked
+        Linear or activation as it is; the report's ``stacks`` say which stacks became FusedMLPs
+        and why the others did not. Opt-in.
     verbose: print the report (every Linear, what it was fused with, or why it was left).
     return_report: return ``(fused_model, FuseReport)`` instead of the model alone.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastmlp.fuse: expected an nn.Module, got {type(model).__name__}")
+    stacks = []
     if mlp:
-        from fastmlp.mlp import fuse_sequentials
+        from fastmlp.mlp import stacks_to_fused_mlps
 
-        model = fuse_sequentials(model)
+        model, outcomes = stacks_to_fused_mlps(model)
+        stacks = [StackEntry(name, outcome) for name, outcome in outcomes]
     fuser = _Fuser(model)
     fuser.analyse()
     fuser.decide()
-    report = FuseReport(fuser.entries[id(m)] for _, m in _tree_order(model)
-                        if id(m) in fuser.entries)
+    report = FuseReport((fuser.entries[id(m)] for _, m in _tree_order(model)
+                         if id(m) in fuser.entries), stacks)
     result = fuser.apply()
     if verbose:
         print(report)

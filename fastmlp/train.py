@@ -201,12 +201,32 @@ def _dist_world():
 
 
 def _split_batch(batch, device):
-    """(inputs, target) from a loader's batch: [x, y] (or [x1, ..., xk, y]), moved to `device`."""
+    """(inputs, target) from a loader's batch: [x, y] (or [x1, ..., xk, y]), moved to `device`.
+
+    Every element must be a torch.Tensor. A numpy array (or a list) is refused with a TypeError
+    naming what came, rather than converted: DataLoader's default collate already turns numpy
+    into tensors, so a loader yielding numpy is one that skipped it, and a silent
+    torch.as_tensor per step would pick dtypes (numpy's float64) the model may not have.
+    """
     if isinstance(batch, torch.Tensor) or not isinstance(batch, (list, tuple)) or len(batch) < 2:
-        raise TypeError("fit: every batch must be a list or tuple (inputs..., target), as "
-                        "TensorLoader(x, y) or DataLoader(TensorDataset(x, y)) yields")
+        raise TypeError(f"fit: every batch must be a list or tuple of torch tensors (inputs..., "
+                        f"target), as TensorLoader(x, y) or DataLoader(TensorDataset(x, y)) "
+                        f"yields; got {_type_name(batch)}")
+    for i, t in enumerate(batch):
+        if not isinstance(t, torch.Tensor):
+            what = "the target" if i == len(batch) - 1 else f"input {i}"
+            raise TypeError(f"fit: every batch must be (inputs..., target) torch tensors; "
+                            f"{what} (element {i} of the batch) is a {_type_name(t)}. Convert "
+                            f"it in the loader (torch.from_numpy, torch.as_tensor), or use "
+                            f"fastmlp.TensorLoader or a DataLoader, whose default collate "
+                            f"makes tensors")
     tensors = [t if t.device == device else t.to(device, non_blocking=True) for t in batch]
     return tensors[:-1], tensors[-1]
+
+
+def _type_name(obj) -> str:
+    kind = type(obj)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _set_epoch(loader, epoch: int) -> None:

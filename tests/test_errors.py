@@ -74,3 +74,36 @@ def test_backend_switch_restores_previous():
             assert fastmlp.get_backend() == "triton"
         assert fastmlp.get_backend() == "torch"
     assert fastmlp.get_backend() == "auto"
+
+
+@pytest.mark.parametrize("x_shape,w_shape,b_shape,words", [
+    ((4, 5), (3, 5), (1, 1, 3), ["bias must have shape (3,), (1, 3), (1,) or ()", "(1, 1, 3)"]),
+    ((4, 5), (3, 5), (3, 1), ["bias must have shape", "(3, 1)"]),
+    ((4, 5), (), None, ["weight must be 2-D", "or 1-D", "()"]),
+    ((4, 5), (5,), (3,), ["with a 1-D weight (5,)", "bias (3,)"]),
+    ((4, 5), (5,), (1,), ["with a 1-D weight (5,)", "bias (1,)"]),
+    ((4, 5), (5,), (), ["with a 1-D weight (5,)", "input (4, 5)"]),
+])
+@pytest.mark.parametrize("backend_name", ["triton", "torch"])
+def test_shapes_f_linear_refuses_are_refused(x_shape, w_shape, b_shape, words, backend_name):
+    """Shapes torch.nn.functional.linear refuses are a ValueError naming them, on both backends
+    (F.linear's refusal checked too, so this list stays what torch refuses)."""
+    x, w = torch.randn(x_shape), torch.randn(w_shape)
+    b = torch.randn(b_shape) if b_shape is not None else None
+    with pytest.raises(RuntimeError):
+        torch.nn.functional.linear(x, w, b)
+    with fastmlp.use_backend(backend_name):
+        for fn in (F.linear, F.linear_relu, lambda *a: F.linear_act(*a, activation="tanh")):
+            with pytest.raises(ValueError) as info:
+                fn(x, w, b)
+            for word in words:
+                assert word in str(info.value), str(info.value)
+
+
+def test_a_per_row_bias_is_refused_by_name():
+    """F.linear's addmm adds a [M, N] 'bias' row by row for a 2-D input; that is not a bias
+    the kernels add (one value per output feature), so it is refused rather than misread."""
+    x, w, b = torch.randn(4, 5), torch.randn(3, 5), torch.randn(4, 3)
+    assert torch.nn.functional.linear(x, w, b).shape == (4, 3)
+    with pytest.raises(ValueError, match=r"bias must have shape \(3,\), \(1, 3\).*got \(4, 3\)"):
+        F.linear_relu(x, w, b)

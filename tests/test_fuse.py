@@ -16,7 +16,7 @@ from torch import nn
 
 import fastmlp
 from fastmlp.fusion import FuseEntry, FuseReport
-from reference import assert_close
+from reference import assert_close, case_seed
 
 D, H = 12, 20
 
@@ -634,3 +634,112 @@ def test_a_fused_mlp_is_left_as_it_is_and_reported_fused():
     outcomes = _outcomes(report)
     assert [outcomes[f"0.{i}"] for i in (0, 2, 4)] == ["already fused"] * 3
     assert outcomes["1"] == "fused"
+
+
+# Hooks a FusedMLP would skip (it computes the stack without calling its children on the Triton
+# path): each changes what the stock stack computes, so a stack fused anyway gives other values.
+# (id, register(seq), the words the report and from_sequential's error name)
+STACK_HOOKS = [
+    ("linear-forward", lambda s: s[0].register_forward_hook(lambda m, a, o: o * 2),
+     "module '0' (Linear) has forward_hooks registered"),
+    ("linear-forward-pre", lambda s: s[2].register_forward_pre_hook(lambda m, a: (a[0] + 1,)),
+     "module '2' (Linear) has forward_pre_hooks registered"),
+    ("linear-backward", lambda s: s[0].register_full_backward_hook(lambda m, gi, go: (gi[0] * 3,)),
+     "module '0' (Linear) has backward_hooks registered"),
+    ("activation-forward", lambda s: s[1].register_forward_hook(lambda m, a, o: o + 0.5),
+     "module '1' (ReLU) has forward_hooks registered"),
+    ("sequential-forward", lambda s: s.register_forward_hook(lambda m, a, o: o * 3),
+     "the nn.Sequential itself has forward_hooks registered"),
+    ("sequential-load-state", lambda s: s.register_load_state_dict_post_hook(lambda m, k: None),
+     "the nn.Sequential itself has load_state_dict_post_hooks registered"),
+]
+
+
+def _stack():
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                         nn.Linear(16, 6))
+
+
+@pytest.mark.parametrize("hook", STACK_HOOKS, ids=[h[0] for h in STACK_HOOKS])
+def test_mlp_option_leaves_a_stack_with_hooks_and_names_them(impl, hook):
+    """fuse(mlp=True) leaves a hooked stack an nn.Sequential (the report's stacks say why), the
+    pair pass leaves the hooked Linear or activation, and the model computes what the stock one
+    does, hooks included, on the kernels' path too (where a FusedMLP would skip them)."""
+    name, register, words = hook
+    torch.manual_seed(case_seed("hooked stack", name))
+    model = _Encoder()
+    model.mlp = _stack()
+    model.to(impl)
+    register(model.mlp)
+    reference = copy.deepcopy(model)
+    fused, report = fastmlp.fuse(model, mlp=True, return_report=True)
+    assert type(fused.mlp) is nn.Sequential
+    assert not any(isinstance(m, fastmlp.FusedMLP) for m in fused.modules())
+    assert [(e.name, e.fused) for e in report.stacks] == [("mlp", False)]
+    assert words in report.stacks[0].outcome and words in str(report)
+    outcomes = _outcomes(report)
+    if name.startswith("linear"):
+        hooked = "mlp.0" if "'0'" in words else "mlp.2"
+        assert outcomes[hooked].startswith("has ") and "registered" in outcomes[hooked]
+    elif name.startswith("activation"):
+        assert outcomes["mlp.0"] == "its activation ReLU (mlp.1) has forward_hooks registered"
+    else:   # a hook on the Sequential: its pairs are fused in place, its forward kept
+        assert outcomes["mlp.0"] == outcomes["mlp.2"] == "fused"
+    _assert_same_function(reference, fused, _x(7, 8, seed=case_seed("x", name)).to(impl))
+
+
+def test_mlp_option_reports_each_stack():
+    """report.stacks: one entry per Sequential with two or more Linears, made a FusedMLP or
+    left with the reason (here: a Dropout, which FusedMLP does not compute)."""
+    model = nn.ModuleDict({"a": _stack(), "b": nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.0),
+                                                              nn.Linear(4, 4)),
+                           "single": nn.Sequential(nn.Linear(4, 4), nn.ReLU())})
+    fused, report = fastmlp.fuse(model, mlp=True, return_report=True)
+    assert type(fused["a"]) is fastmlp.FusedMLP and type(fused["b"]) is nn.Sequential
+    assert [(e.name, e.fused) for e in report.stacks] == [("a", True), ("b", False)]
+    assert "module '1' (Dropout(p=0.0, inplace=False)) is not nn.Linear" in report.stacks[1].outcome
+    text = str(report)
+    assert "1 of 2 Sequential stacks made a FusedMLP" in text
+    assert "a (nn.Sequential stack): made a FusedMLP" in text
+    assert fastmlp.fuse(model, return_report=True)[1].stacks == []   # only with mlp=True
+
+
+def test_a_childs_state_dict_hook_does_not_stop_the_stack():
+    """A FusedMLP holds the very same child modules, so their state_dict hooks still run: such a
+    stack is still made a FusedMLP."""
+    seq = _stack()
+    calls = []
+    seq[2].register_load_state_dict_post_hook(lambda m, keys: calls.append(m))
+    fused, report = fastmlp.fuse(seq, mlp=True, return_report=True)
+    assert type(fused) is fastmlp.FusedMLP and report.stacks[0].fused
+    fused.load_state_dict(_stack().state_dict())
+    assert calls == [seq[2]]
+
+
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "full_backward"])
+def test_a_global_module_hook_stops_all_fusion(impl, kind):
+    """torch's global module hooks see every Linear's output (or input): with one registered,
+    fuse fuses nothing, mlp=True included, and says so (the check fit's steps use too)."""
+    from torch.nn.modules import module as torch_module
+
+    def hook(m, *args):
+        if isinstance(m, nn.Linear) and kind == "forward":
+            return args[-1] + 0.25
+        return None
+
+    register = getattr(torch_module, f"register_module_{kind}_hook")
+    torch.manual_seed(case_seed("global hook", kind))
+    model = _Encoder().to(impl)
+    reference = copy.deepcopy(model)
+    handle = register(hook)
+    try:
+        fused, report = fastmlp.fuse(model, mlp=True, return_report=True)
+        assert type(fused.mlp) is nn.Sequential and not report.fused
+        expected = f"a global {kind.replace('_', ' ').replace('full ', '')}"
+        left = [e for e in report if e.name != "mlp.4"]   # mlp.4: last in its Sequential
+        assert left and all(e.outcome.startswith(expected) and "hook" in e.outcome for e in left)
+        assert report.stacks[0].outcome.startswith(expected)
+        _assert_same_function(reference, fused, _x(5, 8, seed=3).to(impl))
+    finally:
+        handle.remove()
+    assert fastmlp.fuse(copy.deepcopy(model), mlp=True, return_report=True)[1].stacks[0].fused

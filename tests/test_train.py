@@ -190,6 +190,27 @@ def test_argument_errors():
         fastmlp.fit(model, [x[:8]], nn.MSELoss(), opt, progress=False)
 
 
+@pytest.mark.parametrize("make,what", [
+    (lambda x, y: (x.numpy(), y.numpy()), r"input 0 \(element 0 of the batch\) is a numpy.ndarray"),
+    (lambda x, y: (x, y.numpy()), r"the target \(element 1 of the batch\) is a numpy.ndarray"),
+    (lambda x, y: (x.tolist(), y.tolist()), r"input 0 \(element 0 of the batch\) is a list"),
+    (lambda x, y: [x, 3.0], r"the target \(element 1 of the batch\) is a float"),
+])
+def test_batches_that_are_not_tensors_are_named(make, what):
+    """A loader yielding numpy arrays or lists (no default collate) is a TypeError that says what
+    came and what fit needs, before any step (not an AttributeError from inside the loop)."""
+    x, y = _regression_data(n=16)
+    model = _seed_like()
+    before = copy.deepcopy(model.state_dict())
+    opt = fastmlp.SGD(model.parameters(), lr=0.01)
+    loader = [make(x[i:i + 8], y[i:i + 8]) for i in (0, 8)]
+    with pytest.raises(TypeError, match=what) as info:
+        fastmlp.fit(model, loader, nn.MSELoss(), opt, progress=False)
+    assert "(inputs..., target) torch tensors" in str(info.value)
+    assert "torch.from_numpy" in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.values()))
+
+
 # ---------------------------------------------------------------------------------------------
 # Which step strategy an epoch gets
 # ---------------------------------------------------------------------------------------------
