@@ -4,10 +4,13 @@ Public API:
     fastmlp.ACTIVATIONS                        the activation names the kernels fuse
     fastmlp.functional.linear_act / linear_relu / linear
                                                fused ops with torch.nn.functional.linear's signature
+    fastmlp.functional.gated_linear / gated_linear_packed
+                                               act(x W_g^T + b_g) * (x W_u^T + b_u): SwiGLU, GeGLU, ...
     fastmlp.FusedLinear(..., activation=...) / FusedLinearReLU
                                                drop-in modules (state_dicts interchange with nn.Linear)
     fastmlp.fuse(module)                       fuse Linear -> activation pairs in an existing model
     fastmlp.FusedLinearFunction                the autograd.Function behind them
+    fastmlp.GatedLinearFunction                the autograd.Function behind the gated op
     fastmlp.use_backend / get_backend          choose "auto", "triton" or "torch" (also FASTMLP_BACKEND)
 """
 
@@ -22,6 +25,7 @@ from fastmlp.nn import FusedLinear, FusedLinearReLU  # noqa: E402
 from fastmlp.fusion import fuse  # noqa: E402
 from fastmlp.mlp import FusedMLP  # noqa: E402
 from fastmlp.ops import ACTIVATIONS, FusedLinearFunction  # noqa: E402
+from fastmlp.gated import GatedLinearFunction  # noqa: E402
 from fastmlp.optim import SGD  # noqa: E402
 from fastmlp.train import fit  # noqa: E402
 from fastmlp.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -37,6 +41,7 @@ __all__ = [
     "FusedLinear",
     "FusedLinearReLU",
     "FusedLinearFunction",
+    "GatedLinearFunction",
     "fuse",
     "FusedMLP",
     "get_backend",

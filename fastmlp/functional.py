@@ -1,10 +1,12 @@
-"""Fused ops with the signature of torch.nn.functional.linear: (input, weight, bias=None)."""
+"""Fused ops with the signature of torch.nn.functional.linear: (input, weight, bias=None), and the
+gated pair gated_linear / gated_linear_packed."""
 
 from typing import Optional
 
 import torch
 
 from fastmlp import activations
+from fastmlp.gated import fused_gated, split_packed
 from fastmlp.ops import fused_linear
 
 
@@ -33,3 +35,31 @@ def linear(input: torch.Tensor, weight: torch.Tensor,
            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """input @ weight.T + bias through the fastmlp kernels (no activation)."""
     return fused_linear(input, weight, bias, "none")
+
+
+def gated_linear(input: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,
+                 gate_bias: Optional[torch.Tensor] = None, up_bias: Optional[torch.Tensor] = None,
+                 activation="silu") -> torch.Tensor:
+    """act(input @ gate_weight.T + gate_bias) * (input @ up_weight.T + up_bias), fused.
+
+    The gated block of Llama-style MLPs: silu gives SwiGLU, gelu / gelu_tanh GeGLU, relu ReGLU,
+    sigmoid GLU (activation: None, a name from fastmlp.ACTIVATIONS or the torch module, as in
+    linear_act). input [..., in_features], weights [hidden, in_features] (nn.Linear layout, any
+    strides: views of another tensor are read in place), biases [hidden] or None; the output is
+    [..., hidden]. Forward and backward are fastmlp/gated.py's op.
+    """
+    name, alpha = activations.resolve(activation)
+    return fused_gated(input, gate_weight, up_weight, gate_bias, up_bias, name, alpha)
+
+
+def gated_linear_packed(input: torch.Tensor, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor] = None, activation="silu",
+                        gate_first: bool = True) -> torch.Tensor:
+    """gated_linear with the gate and up weights packed in one [2 * hidden, in_features] weight
+    (and bias [2 * hidden]), as models that apply one Linear and then ``.chunk(2, -1)`` hold them.
+
+    gate_first: the first half of the rows is the gate (True) or the up projection (False). The
+    halves are passed as views, never copied; the weight's gradient comes back packed.
+    """
+    gate_weight, up_weight, gate_bias, up_bias = split_packed(weight, bias, gate_first)
+    return gated_linear(input, gate_weight, up_weight, gate_bias, up_bias, activation)

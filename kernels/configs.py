@@ -258,3 +258,65 @@ def fused_dw_configs(dtype: torch.dtype, allow_tf32: bool, capability: Tuple[int
     if interpreter or capability == (0, 0):
         return INTERPRETER_DW
     return DW_CONFIGS[(dtype_class(dtype, allow_tf32), table_arch(capability, shared_memory))]
+
+
+# ----------------------------------------------------------------------------------------------
+# The gated Linear kernels (kernels/gated.py)
+# ----------------------------------------------------------------------------------------------
+# Each program holds two fp32 accumulators (forward: gate and up for the same output columns;
+# dW: dW_g and dW_u for the same tile), twice a plain tile's registers, so the output tiles are
+# half linear_act's. Compiled by kernels/gated_aot.py (not by kernels/aot.py's CI matrix); the
+# tests compile the sm_90 bf16 default of each gated kernel. Defaults first.
+GATED_TENSOR_CORE_SM90 = [
+    TileConfig(128, 64, 64, 8, 8, 3),
+    TileConfig(64, 64, 64, 8, 4, 4),
+    TileConfig(64, 32, 64, 8, 4, 4),
+]
+# The dW kernel on Hopper: its dY, G and U tiles are read transposed and the derivative runs on
+# them in fp32, so its reduction step is 32 rows (a 64-row step spilled with every activation;
+# 128x32x64 spilled in dX and is not in the list above).
+GATED_DW_TENSOR_CORE_SM90 = [
+    TileConfig(64, 64, 32, 8, 8, 3),
+    TileConfig(128, 64, 32, 8, 8, 3),   # 0 spills, but silu at 255 registers (triton 3.6)
+]
+GATED_TENSOR_CORE_SM80 = [
+    TileConfig(128, 64, 32, 8, 8, 3),
+    TileConfig(64, 64, 32, 8, 4, 4),
+    TileConfig(64, 32, 64, 8, 4, 4),
+]
+GATED_TF32 = [
+    TileConfig(64, 64, 32, 8, 8, 3),
+    TileConfig(64, 32, 32, 8, 4, 4),
+]
+GATED_IEEE_FP32 = [
+    TileConfig(32, 64, 32, 8, 8, 3),
+    TileConfig(32, 32, 32, 8, 4, 3),
+]
+
+
+def gated_candidates(dtype: torch.dtype, dot_precision: str, capability: Tuple[int, int],
+                     kernel: str, activation: str, interpreter: bool) -> List:
+    """The configs worth trying for one gated kernel ("fwd", "dx", "dw"), as linear_candidates:
+    default first, TORCH_GEMM last on GPUs, TORCH_GEMM alone for an activation's backward
+    before its row's ``fused_backward_from`` (the gated backward does its derivative and a
+    second dot besides)."""
+    if interpreter or capability == (0, 0):
+        return INTERPRETER
+    if kernel in ("dx", "dw") and not activations.get(activation).fuses_backward_on(capability):
+        return [TORCH_GEMM]
+    if dtype in (torch.float16, torch.bfloat16):
+        if capability[0] == 9:
+            triton_configs = GATED_DW_TENSOR_CORE_SM90 if kernel == "dw" else GATED_TENSOR_CORE_SM90
+        else:
+            triton_configs = GATED_TENSOR_CORE_SM80
+    else:
+        triton_configs = GATED_TF32 if dot_precision == "tf32" else GATED_IEEE_FP32
+    return triton_configs + [TORCH_GEMM]
+
+
+def all_gated_configs() -> Dict[str, List[TileConfig]]:
+    """Every GPU config list of the gated kernels, by name, for the ahead-of-time checks."""
+    return {"gated_tensor_core_sm90": GATED_TENSOR_CORE_SM90,
+            "gated_dw_tensor_core_sm90": GATED_DW_TENSOR_CORE_SM90,
+            "gated_tensor_core_sm80": GATED_TENSOR_CORE_SM80, "gated_tf32": GATED_TF32,
+            "gated_ieee_fp32": GATED_IEEE_FP32}
