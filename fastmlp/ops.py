@@ -402,7 +402,13 @@ def _backward(ctx, grad2):
             bias = unchanged_bias(bias, ctx.bias_version)
         return differentiable_backward(grad2, _rows(x), weight, bias, ctx.activation, ctx.alpha,
                                        needs_x, needs_w, needs_b and ctx.has_bias)
-    return linear_act_backward(grad2, _rows(x), weight, saved, ctx.activation, ctx.alpha,
+    x2 = _rows(x)
+    if saved is None and activations.get(ctx.activation).saves(ctx.alpha) == "preact":
+        # The forward was told not to save Z (save_preact=False) although autograd runs this
+        # backward: recompute it rather than differentiate at the wrong point.
+        with torch.no_grad(), _autocast_off(x2.device.type):
+            saved = torch.nn.functional.linear(x2, weight, bias)
+    return linear_act_backward(grad2, x2, weight, saved, ctx.activation, ctx.alpha,
                                needs_x, needs_w, needs_b and ctx.has_bias)
 
 

@@ -493,3 +493,23 @@ def test_batched_backward_matches_torch(impl, which):
 def test_a_non_tensor_bias_is_a_type_error():
     with pytest.raises(TypeError, match="bias"):
         F.linear_act(torch.randn(3, 4), torch.randn(5, 4), [0.0] * 5, activation="relu")
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu", nn.LeakyReLU(-0.3)], ids=str)
+def test_function_told_not_to_save_preact_still_differentiates_at_z(impl, activation):
+    """FusedLinearFunction.apply(..., save_preact=False) for an activation whose derivative reads
+    Z, with inputs that need grad: backward recomputes Z (it used to read nothing and
+    differentiate at the wrong point, silently)."""
+    name, alpha = activations.resolve(activation)
+    torch.manual_seed(case_seed("no preact", name, alpha))
+    layer = fastmlp.FusedLinear(6, 5, activation=activation, device=impl)
+    stock = _stock_linear(layer, activation).float()
+    x = torch.randn(7, 6, device=impl)
+    grads = []
+    for fn in (lambda xi: fastmlp.FusedLinearFunction.apply(xi, layer.weight, layer.bias, name,
+                                                             alpha, False),
+               stock):
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        grads.append(torch.autograd.grad(y, [xi], torch.ones_like(y))[0])
+    assert_close(grads[0], grads[1], FP32, "dX")
