@@ -109,19 +109,26 @@ def compile_config(kernel: str, arch: int, dtype: str, precision: str,
     constexprs[activation_arg] = jit_function(activation)
     constexprs.update(zip(block_names, (config.block_rows, config.block_cols, config.block_red)))
     constexprs.update({name: 1 for name in unit_strides})
+    report = compile_and_read(fn, constexprs, dtype, arch, config, _UNSPECIALIZED[kernel])
+    return CompileReport(kernel, arch, dtype, precision, config, *report, activation=activation)
+
+
+def compile_and_read(fn, constexprs: dict, dtype: str, arch: int, config, unspecialized):
+    """Compile `fn` for sm_<arch> as a launch on contiguous, 16-byte-aligned tensors of `dtype`
+    would (every pointer `*dtype`, other arguments i32 divisible by 16 except `unspecialized`,
+    to which Triton gives no hints), and read the compiler's reports (_read_reports)."""
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
             continue
         signature[name] = f"*{dtype}" if name.endswith("_ptr") else "i32"
-        if name not in _UNSPECIALIZED[kernel]:  # as a launch: Triton gives no hints for these
+        if name not in unspecialized:
             attrs[(index,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
                               target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-    report = _read_reports(compiled, arch)
-    return CompileReport(kernel, arch, dtype, precision, config, *report, activation=activation)
+    return _read_reports(compiled, arch)
 
 
 # max.f32 / min.f32 (any .ftz/.xorsign; f16, f64, packed f16x2/bf16x2 too) return the other

@@ -17,14 +17,11 @@ import argparse
 import json
 import sys
 
-import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from fastmlp.kernels import activations, configs, gated
 from fastmlp.kernels.activation_jit import forward_of, grad_of
-from fastmlp.kernels.aot import CompileReport, _read_reports
+from fastmlp.kernels.aot import CompileReport, compile_and_read
 
 # Per kernel: the kernel, its block constexprs for (rows, cols, reduction), the strides that are
 # 1 for contiguous operands, the constexpr flags of the heaviest variant, and the unspecialised
@@ -70,18 +67,8 @@ def compile_gated(kernel: str, arch: int, dtype: str, precision: str, config,
                           SAVES_OUTPUT=row.saves(alpha) == "output")
     constexprs.update(zip(block_names, (config.block_rows, config.block_cols, config.block_red)))
     constexprs.update({name: 1 for name in unit_strides})
-    signature, attrs = {}, {}
-    for index, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        signature[name] = f"*{dtype}" if name.endswith("_ptr") else "i32"
-        if name not in unspecialized:
-            attrs[(index,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
-                              target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-    return CompileReport(kernel, arch, dtype, precision, config, *_read_reports(compiled, arch),
+    report = compile_and_read(fn, constexprs, dtype, arch, config, unspecialized)
+    return CompileReport(kernel, arch, dtype, precision, config, *report,
                          activation=activation)
 
 
