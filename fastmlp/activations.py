@@ -248,9 +248,13 @@ def from_call(kind: str, target, args: tuple, kwargs: dict) -> Optional[Tuple[st
 
 
 def resolve(activation) -> Tuple[str, float]:
-    """(name, alpha) from what the public API takes: None, a name, or a torch module instance."""
+    """(name, alpha) from what the public API takes: None, a name, a torch module instance, or
+    a (name, alpha) pair (what fuse's rewritten forwards pass: leaky_relu's slope included)."""
     if activation is None:
         return "none", 0.0
+    if isinstance(activation, tuple) and len(activation) == 2 and isinstance(activation[0], str):
+        name, alpha = activation
+        return check(name, alpha).name, float(alpha)
     if isinstance(activation, str):
         row = get(activation)
         return row.name, row.default_alpha

@@ -43,19 +43,22 @@ already and is never traced (its Linears are reported "already fused").
 """
 
 import copy
-import inspect
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-import torch
 import torch.fx as fx
 from torch import nn
 
-from fastmlp import activations, hooks
+from fastmlp import activations, functional, hooks, tracing
+from fastmlp.gated_pattern import find_gated
+from fastmlp.source_pairs import source_pairs
+from fastmlp.activation_modules import has_own_forward as _has_own_forward
+from fastmlp.activation_modules import is_torch_module as _is_torch_module
+from fastmlp.activation_modules import module_activation, uses as _uses
 from fastmlp.nn import FusedLinear, fused_from
 
-__all__ = ["fuse", "FuseEntry", "FuseReport", "StackEntry"]
+__all__ = ["fuse", "FuseEntry", "FuseReport", "StackEntry", "module_activation"]
 
 _LAST_IN_SEQUENTIAL = "last module of its nn.Sequential: nothing follows it there"
 # nn.Module methods whose override means a rewritten GraphModule would not save/load the same state.
@@ -69,11 +72,13 @@ _STATE_METHODS = ("state_dict", "load_state_dict", "_save_to_state_dict", "_load
 @dataclass(frozen=True)
 class FuseEntry:
     """One Linear of the model: its qualified name, the activation after it (as repr shows it,
-    None when none was found) and the outcome: "fused", "already fused", or why it was left."""
+    None when none was found), the outcome: "fused", "already fused", or why it was left, and a
+    note (what it was fused with in a gated op, or why a gated product it is part of was left)."""
 
     name: str
     activation: Optional[str]
     outcome: str
+    note: str = ""
 
     @property
     def fused(self) -> bool:
@@ -83,7 +88,8 @@ class FuseEntry:
         act = f" + {self.activation}" if self.activation else ""
         done = self.outcome in ("fused", "already fused")
         verdict = self.outcome if done else f"left: {self.outcome}"
-        return f"{self.name or '(the model)'}{act}: {verdict}"
+        note = f" ({self.note})" if self.note else ""
+        return f"{self.name or '(the model)'}{act}: {verdict}{note}"
 
 
 @dataclass(frozen=True)
@@ -127,50 +133,6 @@ class FuseReport(list):
 
 
 # --------------------------------------------------------------------------------------------
-# Tracing one module's own forward
-# --------------------------------------------------------------------------------------------
-class _ChildrenAsLeaves(fx.Tracer):
-    """Traces only the root's forward: every submodule call stays one call_module node (its own
-    forward is the business of its own trace)."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return True
-
-
-def _trace(module: nn.Module, training: bool, grad: bool, concrete_args=None) -> fx.Graph:
-    """module's forward traced with module.training and grad mode set as asked (restored after)."""
-    was = module.training
-    module.training = training
-    try:
-        with torch.set_grad_enabled(grad):
-            return _ChildrenAsLeaves().trace(module, concrete_args=concrete_args)
-    finally:
-        module.training = was
-
-
-def _forward_optionals(module: nn.Module) -> Tuple[Dict[str, object], List[str]]:
-    """The forward's parameters with defaults ({name: default}) and its *args/**kwargs names."""
-    try:
-        params = inspect.signature(module.forward).parameters.values()
-    except (TypeError, ValueError):
-        return {}, []
-    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-    varargs = [p.name for p in params if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    return defaults, varargs
-
-
-def _code(graph: fx.Graph) -> str:
-    return graph.python_code("self").src
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    text = text[0] if text else ""
-    text = text if len(text) <= 160 else text[:157] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-# --------------------------------------------------------------------------------------------
 # What is an activation, what is a Linear fuse may replace
 # --------------------------------------------------------------------------------------------
 def _is_candidate_linear(m) -> bool:
@@ -183,46 +145,6 @@ def _hooks(m: nn.Module) -> List[str]:
     """m's hooks of every kind (fastmlp.hooks.ALL_HOOKS): fuse replaces the Linear it fuses (and
     a module whose forward it rewrites), so even its state_dict hooks would be gone."""
     return hooks.registered(m, hooks.ALL_HOOKS)
-
-
-def _is_torch_module(m: nn.Module) -> bool:
-    """One of torch's own module classes (its forward is torch's, often with fast paths that a
-    trace would freeze). An fx.GraphModule is code fx wrote: fuse traces it like a user's."""
-    return type(m).__module__.split(".")[0] == "torch" and not isinstance(m, fx.GraphModule)
-
-
-def _has_own_forward(m: nn.Module) -> bool:
-    return getattr(type(m), "forward", None) is not nn.Module.forward
-
-
-def _wrapper_activation(m: nn.Module) -> Optional[Tuple[str, float]]:
-    """(name, alpha) for a user's parameterless module whose forward is one supported activation
-    call on its input, the same in training and eval mode (e.g. Hugging Face's GELUActivation)."""
-    if (_is_torch_module(m) or not _has_own_forward(m) or m._modules or m._parameters
-            or m._buffers or _forward_optionals(m) != ({}, [])):
-        return None
-    found = None
-    try:
-        graphs = [_trace(m, True, True), _trace(m, False, False)]
-    except Exception:  # noqa: BLE001 - untraceable: not an activation fuse can see
-        return None
-    if _code(graphs[0]) != _code(graphs[1]):
-        return None
-    nodes = list(graphs[0].nodes)
-    if len(nodes) != 3 or nodes[0].op != "placeholder" or nodes[2].op != "output":
-        return None
-    x, call, out = nodes
-    if call.op in ("call_function", "call_method") and call.args and call.args[0] is x \
-            and out.args == (call,) and not _uses(call.args[1:], call.kwargs, x):
-        found = activations.from_call(call.op, call.target, tuple(call.args[1:]), dict(call.kwargs))
-    return found
-
-
-def _uses(args, kwargs, node: fx.Node) -> bool:
-    """Whether node appears among args/kwargs (nested containers included)."""
-    seen = []
-    fx.node.map_arg((tuple(args), dict(kwargs)), lambda n: seen.append(n) or n)
-    return any(n is node for n in seen)
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,6 +167,7 @@ class _Block:
     error: str = ""
     rewrite: list = field(default_factory=list)    # pairs fused by rewriting the forward
     in_place: list = field(default_factory=list)   # pairs fused by swapping modules in place
+    gated: list = field(default_factory=list)      # GatedMatches fused by rewriting the forward
 
     @property
     def label(self) -> str:
@@ -280,6 +203,7 @@ class _Fuser:
         self.calls: Counter = Counter()     # call sites of each module seen in forwards fuse read
         self.blocks: Dict[int, _Block] = {}
         self.entries: Dict[int, FuseEntry] = {}
+        self.entries_final = set()          # Linears a gated product took: no other decision
         self._wrappers: Dict[int, Optional[Tuple[str, float]]] = {}
         # torch's global module hooks see every Linear's output and every activation's input:
         # a fused pair would show them other values, so with one registered nothing is fused.
@@ -300,12 +224,9 @@ class _Fuser:
     def module_activation(self, m) -> Optional[Tuple[str, float]]:
         if m is None:
             return None
-        found = activations.from_module(m)
-        if found is None:
-            if id(m) not in self._wrappers:
-                self._wrappers[id(m)] = _wrapper_activation(m)
-            found = self._wrappers[id(m)]
-        return found
+        if id(m) not in self._wrappers:
+            self._wrappers[id(m)] = module_activation(m)
+        return self._wrappers[id(m)]
 
     # ---------------------------------------------------------------- pass 1: analyse
     def analyse(self):
@@ -343,7 +264,7 @@ class _Fuser:
                 self._unknown_callers(child)
 
     def _trace_block(self, m, name) -> _Block:
-        defaults, varargs = _forward_optionals(m)
+        defaults, varargs = tracing.forward_optionals(m)
         plans = [("in training mode", True, True, None),
                  ("in eval mode without grad", False, False, None)]
         if defaults:
@@ -351,11 +272,11 @@ class _Fuser:
         variants = []
         try:
             for label, training, grad, concrete in plans:
-                variants.append((label, _trace(m, training, grad, concrete)))
+                variants.append((label, tracing.trace(m, training, grad, concrete)))
         except Exception as exc:  # noqa: BLE001 - any failure means: fuse cannot read this forward
             self._unknown_callers(m)
             if not variants:
-                return _Block(m, name, "untraceable", error=_short(exc))
+                return _Block(m, name, "untraceable", error=tracing.untraceable_reason(exc))
             # The main trace worked, a variant did not: its calls are unknown, and the block's
             # pairs are refused (_agree_across_variants), but what the main trace saw still
             # counts.
@@ -380,6 +301,8 @@ class _Fuser:
                 self._decide_sequential(block)
             elif block.kind == "traced":
                 self._decide_traced(block)
+            elif block.kind == "untraceable":
+                self._decide_from_source(block)
 
     def _default_entry(self, lin) -> FuseEntry:
         name = self.name_of(lin)
@@ -395,7 +318,7 @@ class _Fuser:
         if caller is None:
             why = "not called from any forward fuse could trace"
         elif caller.kind == "untraceable":
-            why = f"{caller.label}'s forward could not be traced by torch.fx ({caller.error})"
+            why = f"{caller.label} could not be traced: {caller.error}; {self._lost(caller)}"
         elif caller.kind == "torch":
             why = (f"inside {type(caller.module).__name__} ({caller.label}), torch's own module, "
                    f"whose forward fuse does not change")
@@ -404,6 +327,19 @@ class _Fuser:
         else:
             why = f"not called in {caller.label}'s traced forward"
         return FuseEntry(name, None, why)
+
+    def _lost(self, block) -> str:
+        """Whether an untraceable block likely cost a fusion: it holds an activation module (its
+        Linears may feed it), or it holds none (a functional activation would be unseen)."""
+        taken = {id(pair.act_module) for pair in block.in_place}
+        acts = [f"{attr} ({type(child).__name__})" for attr, child in _own_children(block.module)
+                if id(child) not in taken and self.module_activation(child) is not None]
+        if acts:
+            return (f"a fusion is likely lost: it holds the activation module"
+                    f"{'s' if len(acts) > 1 else ''} {', '.join(acts)}")
+        if taken:
+            return "its activation modules are all fused, so most likely no fusion is lost"
+        return "it holds no activation module, so most likely no fusion is lost"
 
     def _caller_block(self, m) -> Optional[_Block]:
         """The nearest ancestor with a forward of its own (ModuleList/ModuleDict skipped)."""
@@ -435,9 +371,11 @@ class _Fuser:
             return f"its activation {act_label} has {', '.join(found)} registered"
         return None
 
-    def _record(self, lin, act, outcome):
+    def _record(self, lin, act, outcome, note="", final=False):
         desc = activations.describe(*act) if act is not None else None
-        self.entries[id(lin)] = FuseEntry(self.name_of(lin), desc, outcome)
+        self.entries[id(lin)] = FuseEntry(self.name_of(lin), desc, outcome, note)
+        if final:
+            self.entries_final.add(id(lin))
 
     def _decide_sequential(self, block):
         seq = block.module
@@ -464,11 +402,12 @@ class _Fuser:
 
     def _decide_traced(self, block):
         m, graph = block.module, block.graph
+        gated_notes = self._decide_gated(block)
         for node in graph.nodes:
             if node.op != "call_module":
                 continue
             lin = m.get_submodule(node.target)
-            if not _is_candidate_linear(lin):
+            if not _is_candidate_linear(lin) or id(lin) in self.entries_final:
                 continue
             why = self._linear_blocker(lin)
             pair, shape = self._pair_at(m, node)
@@ -492,7 +431,105 @@ class _Fuser:
                                f"to be rewritten, and it cannot be: {blocker}")
                     else:
                         block.rewrite.append(pair)
-            self._record(lin, act, why or "fused")
+            self._record(lin, act, why or "fused", note=gated_notes.get(node.target, ""))
+
+    def _decide_from_source(self, block):
+        """Pairs of an untraceable block that its forward's source fixes (fastmlp.source_pairs),
+        fused in place; its other Linears keep their default entries."""
+        m = block.module
+        for lin_attr, act_attr in source_pairs(m):
+            lin, act_module = m._modules.get(lin_attr), m._modules.get(act_attr)
+            if lin is None or act_module is None or not _is_candidate_linear(lin):
+                continue
+            act = self.module_activation(act_module)
+            if act is None:
+                continue
+            why = self._linear_blocker(lin) or self._act_blocker(act_module, act_attr)
+            if why is None and (self.calls[id(act_module)] != 1
+                                or len(self.owners.get(id(act_module), ())) != 1):
+                why = f"its activation module {act_attr} is also used elsewhere"
+            if why is None:
+                block.in_place.append(_Pair(lin_attr, lin, act, act_attr, act_module))
+            note = (f"read from {block.label}'s source, since it could not be traced: "
+                    f"{block.error}")
+            self._record(lin, act, why or "fused", note=note)
+        if block.in_place:      # the other Linears' "fusion lost?" now leaves the taken ones out
+            for _, child in _own_children(m):
+                entry = self.entries.get(id(child))
+                if entry is not None and not entry.note and not entry.fused:
+                    self.entries[id(child)] = self._default_entry(child)
+
+    # ---------------------------------------------------------------- gated products
+    def _activation_of(self, m):
+        """fastmlp.gated_pattern's activation_of for block module m."""
+        def activation_of(node):
+            if node.op == "call_module" and len(node.args) == 1 and not node.kwargs \
+                    and isinstance(node.args[0], fx.Node):
+                act = self.module_activation(m.get_submodule(node.target))
+                return (act, node.target, node.args[0]) if act is not None else None
+            if node.op in ("call_function", "call_method") and node.args \
+                    and isinstance(node.args[0], fx.Node) \
+                    and not _uses(node.args[1:], node.kwargs, node.args[0]):
+                act = activations.from_call(node.op, node.target, tuple(node.args[1:]),
+                                            dict(node.kwargs))
+                return (act, None, node.args[0]) if act is not None else None
+            return None
+        return activation_of
+
+    def _gated_matches(self, m, graph):
+        return find_gated(m, graph, self._activation_of(m), _is_candidate_linear)
+
+    def _decide_gated(self, block) -> Dict[str, str]:
+        """Decide each gated product of a traced block: fused (its Linears' entries final), or
+        left with the reason noted on its gate Linear, which then goes through the pair pass
+        (act(gate(x)) alone may still fuse)."""
+        m = block.module
+        notes = {}
+        for match in self._gated_matches(m, block.graph):
+            gate = m.get_submodule(match.gate)
+            up = m.get_submodule(match.up) if match.up is not None else None
+            why = None
+            for lin in (gate, up):
+                if lin is not None and why is None:
+                    blocker = self._linear_blocker(lin)
+                    if blocker is not None:
+                        why = f"{self.name_of(lin)} {blocker}"
+            if why is None and up is not None and (gate.weight.dtype, gate.weight.device) != \
+                    (up.weight.dtype, up.weight.device):
+                why = (f"the gate and up weights differ in dtype or device ({gate.weight.dtype} "
+                       f"on {gate.weight.device}, {up.weight.dtype} on {up.weight.device})")
+            if why is None and match.act_path is not None:
+                why = self._act_blocker(m.get_submodule(match.act_path), match.act_path)
+            if why is None:
+                for label, g in block.variants[1:]:
+                    if g is None or match.signature not in {
+                            other.signature for other in self._gated_matches(m, g)}:
+                        why = (f"{block.label}'s forward takes another path {label} (the trace "
+                               f"would not hold for every call)")
+                        break
+            if why is None:
+                blocker = self._rewrite_blocker(block)
+                if blocker is not None:
+                    why = (f"{block.label}'s forward would have to be rewritten, and it cannot "
+                           f"be: {blocker}")
+            desc = activations.describe(*match.act)
+            if why is not None:
+                notes[match.gate] = f"the gated product it feeds was left: {why}"
+                if match.up is not None:
+                    notes[match.up] = notes[match.gate]
+                continue
+            block.gated.append(match)
+            if up is None:
+                half = "first" if match.gate_first else "second"
+                self._record(gate, match.act, "fused", final=True,
+                             note=f"packed gate and up projections (the gate is the {half} "
+                                  f"half), {desc}(gate) * up in one op")
+            else:
+                self._record(gate, match.act, "fused", final=True,
+                             note=f"gate of {desc}(gate) * up, with {self.name_of(up)}, in one op")
+                self._record(up, None, "fused", final=True,
+                             note=f"up projection of the gated op with {self.name_of(gate)}")
+        return notes
 
     def _pair_at(self, m, node) -> Tuple[Optional[_Pair], Optional[str]]:
         """The activation fed by the Linear call `node`, if it is its only user."""
@@ -564,11 +601,11 @@ class _Fuser:
                   and not isinstance(m, fx.GraphModule)]
         if custom:
             return f"{type(m).__name__} defines its own {', '.join(custom)}"
-        defaults, varargs = _forward_optionals(m)
+        defaults, varargs = tracing.forward_optionals(m)
         if defaults or varargs:
             names = [f"{k}={v!r}" for k, v in defaults.items()] + [f"*{v}" for v in varargs]
             return f"its forward takes optional arguments ({', '.join(names)}), which a trace fixes"
-        codes = {_code(g) for _, g in block.variants if g is not None}
+        codes = {tracing.code(g) for _, g in block.variants if g is not None}
         if len(codes) > 1:
             return "its traced forward differs between training and eval mode or with/without grad"
         return None
@@ -583,7 +620,7 @@ class _Fuser:
             for pair in block.in_place:
                 _set_path(m, pair.linear_path, fused_from(pair.linear, *pair.act))
                 _set_path(m, pair.act_path, _identity_like(pair.act_module))
-            if block.rewrite:
+            if block.rewrite or block.gated:
                 new = self._rewritten(block)
                 owners = self.owners.get(id(m), ())
                 if owners:
@@ -605,8 +642,46 @@ class _Fuser:
             graph.erase_node(act_node)
             _set_path_copying(state["_modules"], pair.linear_path,
                               fused_from(pair.linear, *pair.act))
+        for match in block.gated:
+            _replace_gated(m, graph, match)
         graph.lint()
         return _build_graph_module(state, graph, type(m).__name__)
+
+
+def _own_children(m):
+    """(name, module) of m's children, through ModuleList/ModuleDict containers."""
+    for attr, child in m._modules.items():
+        if child is None:
+            continue
+        if not _has_own_forward(child) and child._modules:
+            yield from ((f"{attr}.{a}", c) for a, c in _own_children(child))
+        else:
+            yield attr, child
+
+
+def _replace_gated(m, graph, match) -> None:
+    """The gated product's nodes replaced by one call of fastmlp.functional's gated op, reading
+    the Linears' weights and biases where they are (get_attr): the Linears stay in the module
+    (state_dict unchanged), no longer called."""
+    def param(path, name):
+        return graph.get_attr(f"{path}.{name}") if getattr(m.get_submodule(path), name) \
+            is not None else None
+
+    with graph.inserting_before(match.product):
+        if match.packed:
+            call = graph.call_function(functional.gated_linear_packed, (
+                match.input, param(match.gate, "weight"), param(match.gate, "bias"), match.act,
+                match.gate_first))
+        else:
+            call = graph.call_function(functional.gated_linear, (
+                match.input, param(match.gate, "weight"), param(match.up, "weight"),
+                param(match.gate, "bias"), param(match.up, "bias"), match.act))
+    # fx's generated code then wraps the call (torch.fx.wrap): a re-trace of the rewritten
+    # forward (unpickling re-traces it) keeps it one node instead of tracing into the op.
+    call.meta["is_wrapped"] = True
+    match.product.replace_all_uses_with(call)
+    for node in match.nodes:
+        graph.erase_node(node)
 
 
 def _is_linear_like(m) -> bool:

@@ -392,7 +392,8 @@ class SharedLinear(nn.Module):
 
 
 class Untraceable(nn.Module):
-    """Data-dependent control flow: torch.fx cannot trace it; its children are still fused."""
+    """Data-dependent control flow: torch.fx cannot trace it; its children are still fused, and
+    so is its own fc -> act, which its source fixes (fastmlp/source_pairs.py)."""
 
     def __init__(self):
         super().__init__()
@@ -497,8 +498,11 @@ def test_left_alone_each_with_its_reason():
         "forward would have to be rewritten, and it cannot be: its forward takes optional "
         "arguments (scale=None), which a trace fixes")
     assert outcomes[m + "shared_linear.fc"] == "shared: called at 2 places"
-    assert outcomes[m + "untraceable.fc"].startswith(
-        "members.untraceable's forward could not be traced by torch.fx (TraceError: ")
+    # untraceable (a branch on a tensor), but its source fixes fc -> act: fused in place
+    assert outcomes[m + "untraceable.fc"] == "fused"
+    assert {e.name: e for e in report}[m + "untraceable.fc"].note.startswith(
+        "read from members.untraceable's source, since it could not be traced: its forward "
+        "branches on a value computed from its inputs")
     assert outcomes[m + "untraceable.mlp.fc1"] == "fused"  # the children of an untraceable block
     subclass = "a subclass of nn.Linear (ScaledLinear): it may compute something else"
     assert outcomes[m + "hidden.fc"] == (
@@ -518,7 +522,8 @@ def test_left_alone_each_with_its_reason():
     assert outcomes[m + "subclass.0"] == subclass
     assert outcomes[m + "hooked.0"] == (
         "has forward_hooks registered (fusing would change what they see)")
-    assert [e.name for e in report if e.fused] == [m + "shared_act.fc1", m + "untraceable.mlp.fc1"]
+    assert [e.name for e in report if e.fused] == [
+        m + "shared_act.fc1", m + "untraceable.fc", m + "untraceable.mlp.fc1"]
     # The mode-dependent blocks are right in eval mode as well.
     _assert_same_function(stock.eval(), fused.eval(), _x(3, D, seed=4))
 
