@@ -94,9 +94,11 @@ class FuseEntry:
 
 @dataclass(frozen=True)
 class StackEntry:
-    """One nn.Sequential stack that fuse(mlp=True) looked at (two or more Linear children): its
-    qualified name and the outcome, "FusedMLP" or why it was left an nn.Sequential (its Linears
-    then go through the per-pair pass, and have FuseEntries of their own)."""
+    """One stack that fuse(mlp=True) looked at: an nn.Sequential with two or more Linear
+    children, or an MLP-looking module that is not one (a Sequential subclass; a module with two
+    or more Linear children and an activation). Its qualified name and the outcome, "FusedMLP"
+    or why it was not made one (its Linears then go through the per-pair pass, and have
+    FuseEntries of their own)."""
 
     name: str
     outcome: str
@@ -106,17 +108,35 @@ class StackEntry:
         return self.outcome == "FusedMLP"
 
     def __str__(self) -> str:
-        verdict = "made a FusedMLP" if self.fused else f"left an nn.Sequential: {self.outcome}"
-        return f"{self.name or '(the model)'} (nn.Sequential stack): {verdict}"
+        verdict = "made a FusedMLP" if self.fused else f"not made a FusedMLP: {self.outcome}"
+        return f"{self.name or '(the model)'} (MLP stack): {verdict}"
+
+
+@dataclass(frozen=True)
+class BlockEntry:
+    """One module whose forward calls Linears of the model (an nn.Sequential, a traced forward,
+    one fuse could not trace, torch's own module): its qualified name, its class, what was
+    fused in it or why nothing was, and the names of the Linears it calls."""
+
+    name: str
+    type_name: str
+    summary: str
+    linears: Tuple[str, ...] = ()
+    untraceable_outcome: str = ""     # its Linears' outcome when it could not be traced
+
+    def __str__(self) -> str:
+        return f"{self.name or '(the model)'} ({self.type_name}): {self.summary}"
 
 
 class FuseReport(list):
-    """The FuseEntry of every nn.Linear (and subclass) in the model, in module order; with
+    """The FuseEntry of every nn.Linear (and subclass) in the model, in module order; ``blocks``
+    the BlockEntry of each module calling them (printed with its Linears under it); with
     mlp=True, ``stacks`` holds a StackEntry per Sequential stack (else it is empty)."""
 
-    def __init__(self, entries=(), stacks=()):
+    def __init__(self, entries=(), stacks=(), blocks=()):
         super().__init__(entries)
         self.stacks: List[StackEntry] = list(stacks)
+        self.blocks: List[BlockEntry] = list(blocks)
 
     @property
     def fused(self) -> List[FuseEntry]:
@@ -126,9 +146,21 @@ class FuseReport(list):
         lines = [f"fastmlp.fuse: fused {len(self.fused)} of {len(self)} Linear layers"]
         if self.stacks:
             made = sum(e.fused for e in self.stacks)
-            lines[0] += f"; {made} of {len(self.stacks)} Sequential stacks made a FusedMLP"
+            lines[0] += f"; {made} of {len(self.stacks)} MLP stacks made a FusedMLP"
         lines += [f"  {e}" for e in self.stacks]
-        lines += [f"  {e}" for e in self]
+        by_name = {e.name: e for e in self}
+        shown = set()
+        for block in self.blocks:
+            lines.append(f"  {block}")
+            for name in block.linears:
+                if name in by_name and name not in shown:
+                    entry = by_name[name]
+                    if block.untraceable_outcome and entry.outcome == block.untraceable_outcome:
+                        entry = FuseEntry(entry.name, entry.activation,
+                                          "its block could not be traced (above)", entry.note)
+                    lines.append(f"    {entry}")
+                    shown.add(name)
+        lines += [f"  {e}" for e in self if e.name not in shown]
         return "\n".join(lines)
 
 
@@ -318,7 +350,7 @@ class _Fuser:
         if caller is None:
             why = "not called from any forward fuse could trace"
         elif caller.kind == "untraceable":
-            why = f"{caller.label} could not be traced: {caller.error}; {self._lost(caller)}"
+            why = self._untraceable_outcome(caller)
         elif caller.kind == "torch":
             why = (f"inside {type(caller.module).__name__} ({caller.label}), torch's own module, "
                    f"whose forward fuse does not change")
@@ -327,6 +359,9 @@ class _Fuser:
         else:
             why = f"not called in {caller.label}'s traced forward"
         return FuseEntry(name, None, why)
+
+    def _untraceable_outcome(self, block) -> str:
+        return f"{block.label} could not be traced: {block.error}; {self._lost(block)}"
 
     def _lost(self, block) -> str:
         """Whether an untraceable block likely cost a fusion: it holds an activation module (its
@@ -450,8 +485,7 @@ class _Fuser:
                 why = f"its activation module {act_attr} is also used elsewhere"
             if why is None:
                 block.in_place.append(_Pair(lin_attr, lin, act, act_attr, act_module))
-            note = (f"read from {block.label}'s source, since it could not be traced: "
-                    f"{block.error}")
+            note = f"read from {block.label}'s source: its forward could not be traced"
             self._record(lin, act, why or "fused", note=note)
         if block.in_place:      # the other Linears' "fusion lost?" now leaves the taken ones out
             for _, child in _own_children(m):
@@ -609,6 +643,42 @@ class _Fuser:
         if len(codes) > 1:
             return "its traced forward differs between training and eval mode or with/without grad"
         return None
+
+    # ---------------------------------------------------------------- the report's blocks
+    def block_entries(self) -> List[BlockEntry]:
+        """A BlockEntry for every block that calls Linears, in module order."""
+        members: Dict[int, List[str]] = {}
+        for _, m in self.order:
+            if id(m) in self.entries:
+                caller = self._caller_block(m)
+                if caller is not None:
+                    members.setdefault(id(caller.module), []).append(self.name_of(m))
+        found = []
+        for name, m in _tree_order(self.model):
+            block = self.blocks.get(id(m))
+            if block is None or id(m) not in members:
+                continue
+            untraceable = (self._untraceable_outcome(block) if block.kind == "untraceable"
+                           else "")
+            found.append(BlockEntry(name, type(m).__name__, self._block_summary(block),
+                                    tuple(members[id(m)]), untraceable))
+        return found
+
+    def _block_summary(self, block) -> str:
+        fused = [f"{activations.describe(*g.act)}(half of {g.gate}) * the other half, one "
+                 f"gated op" if g.packed else
+                 f"{activations.describe(*g.act)}({g.gate}) * {g.up}, one gated op"
+                 for g in block.gated]
+        fused += [f"{p.linear_path} + {activations.describe(*p.act)}"
+                  for p in block.in_place + block.rewrite]
+        done = f"fused {'; '.join(fused)}" if fused else "nothing fused"
+        if block.kind == "untraceable":
+            return f"could not be traced: {block.error}; {self._lost(block)}; {done}"
+        if block.kind == "torch":
+            return "torch's own module: its forward is not changed"
+        if block.kind == "fused-mlp":
+            return "a FusedMLP: fused already"
+        return done
 
     # ---------------------------------------------------------------- pass 3: apply
     def apply(self) -> nn.Module:
@@ -824,7 +894,7 @@ def fuse(model: nn.Module, *, mlp: bool = False, verbose: bool = False,
     fuser.analyse()
     fuser.decide()
     report = FuseReport((fuser.entries[id(m)] for _, m in _tree_order(model)
-                         if id(m) in fuser.entries), stacks)
+                         if id(m) in fuser.entries), stacks, fuser.block_entries())
     result = fuser.apply()
     if verbose:
         print(report)

@@ -771,9 +771,12 @@ def stacks_to_fused_mlps(model: nn.Module) -> Tuple[nn.Module, List[Tuple[str, s
     outcomes: List[Tuple[str, str]] = []
 
     def convert(module, name):
-        if type(module) is not nn.Sequential:
-            return None
         if sum(_linear_of(m) is not None for m in module.children()) < 2:
+            return None
+        if type(module) is not nn.Sequential:
+            why = _not_a_stack(module)
+            if why is not None:
+                outcomes.append((name, why))
             return None
         try:
             _parse(list(module.named_children()), "fuse")
@@ -796,6 +799,22 @@ def stacks_to_fused_mlps(model: nn.Module) -> Tuple[nn.Module, List[Tuple[str, s
             if replacement is not None:
                 parent._modules[name] = replacement
     return model, outcomes
+
+
+def _not_a_stack(module: nn.Module) -> Optional[str]:
+    """Why an MLP-looking module that is not an exact nn.Sequential (a Sequential subclass, or a
+    module with two or more Linear children and an activation child) is not made a FusedMLP;
+    None for other modules (attention blocks: not MLPs, nothing to say)."""
+    kind = type(module).__name__
+    if isinstance(module, nn.Sequential):
+        return (f"a subclass of nn.Sequential ({kind}): only nn.Sequential itself becomes a "
+                f"FusedMLP (a subclass may compute something else)")
+    from fastmlp.activation_modules import module_activation
+
+    if any(module_activation(m) is not None for m in module.children()):
+        return (f"not an nn.Sequential ({kind}, a forward of its own): FusedMLP takes only "
+                f"nn.Sequential stacks, so its layers go through the pair pass")
+    return None
 
 
 def hook_blocker(seq: nn.Sequential) -> Optional[str]:

@@ -375,9 +375,10 @@ def test_forward_reading_kwargs_is_not_traced_and_its_source_fixes_the_pair():
     fused, report = _fuse_checked(nn.Sequential(ReadsKwargs()), _x(3, D))
     entries = {e.name: e for e in report}
     assert entries["0.fc1"].outcome == "fused"
-    assert entries["0.fc1"].note == (
-        "read from 0's source, since it could not be traced: its forward reads its **kwargs (not "
-        "only passes them on), so one trace would not stand for every call")
+    assert entries["0.fc1"].note == "read from 0's source: its forward could not be traced"
+    assert {b.name: b for b in report.blocks}["0"].summary.startswith(
+        "could not be traced: its forward reads its **kwargs (not only passes them on), so one "
+        "trace would not stand for every call")
     assert fused[0](_x(3, D), skip_mlp=True).shape == (3, D)
 
 
@@ -461,8 +462,10 @@ def test_untraceable_block_pair_read_from_source(block):
     fused, report = _fuse_checked(nn.Sequential(block()), _x(2, 4, D))
     entries = {e.name: e for e in report}
     assert entries["0.fc1"].outcome == "fused"
-    assert entries["0.fc1"].note.startswith("read from 0's source, since it could not be traced: "
-                                            "its forward branches on a value")
+    assert entries["0.fc1"].note == "read from 0's source: its forward could not be traced"
+    (block,) = [b for b in report.blocks if b.name == "0"]
+    assert block.summary.startswith("could not be traced: its forward branches on a value")
+    assert block.summary.endswith("; fused fc1 + gelu")
     assert type(fused[0].activation_fn) is nn.Identity
     assert entries["0.fc2"].outcome.endswith(
         "its activation modules are all fused, so most likely no fusion is lost")
@@ -475,3 +478,42 @@ def test_source_that_does_not_fix_the_pair_is_left(block):
     assert not report.fused
     assert _outcomes(report)["0.fc1"].endswith(
         "a fusion is likely lost: it holds the activation module activation_fn (GELU)")
+
+
+# ------------------------------------------------------------------------------------------------
+# mlp=True: why an MLP-looking module is not made a FusedMLP
+# ------------------------------------------------------------------------------------------------
+class SequentialSubclass(nn.Sequential):
+    pass
+
+
+class QueryKey(nn.Module):
+    """Two Linears and no activation: not an MLP, so nothing is said about it."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.q(x) @ self.k(x).transpose(-1, -2)
+
+
+def test_mlp_option_says_why_mlp_looking_modules_are_not_stacks():
+    torch.manual_seed(15)
+    model = nn.ModuleDict({
+        "timm": nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.Linear(H, D)),
+        "sub": SequentialSubclass(nn.Linear(D, H), nn.ReLU(), nn.Linear(H, D)),
+        "llama": LlamaLikeMLP(),
+        "attention": QueryKey(),
+    })
+    _, report = fastmlp.fuse(model, mlp=True, return_report=True)
+    stacks = {e.name: e for e in report.stacks}
+    assert stacks["timm"].fused
+    assert stacks["sub"].outcome == (
+        "a subclass of nn.Sequential (SequentialSubclass): only nn.Sequential itself becomes a "
+        "FusedMLP (a subclass may compute something else)")
+    assert stacks["llama"].outcome == (
+        "not an nn.Sequential (LlamaLikeMLP, a forward of its own): FusedMLP takes only "
+        "nn.Sequential stacks, so its layers go through the pair pass")
+    assert "attention" not in stacks
+    assert "llama (MLP stack): not made a FusedMLP: not an nn.Sequential" in str(report)
