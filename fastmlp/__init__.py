@@ -8,6 +8,8 @@ Public API:
                                                act(x W_g^T + b_g) * (x W_u^T + b_u): SwiGLU, GeGLU, ...
     fastmlp.FusedLinear(..., activation=...) / FusedLinearReLU
                                                drop-in modules (state_dicts interchange with nn.Linear)
+    fastmlp.GatedMLP(in, hidden, out, layout=...) / GatedMLP.from_module(block)
+                                               a gated MLP block (SwiGLU, ...), state_dict as the model's
     fastmlp.fuse(module)                       fuse Linear -> activation pairs in an existing model
     fastmlp.FusedLinearFunction                the autograd.Function behind them
     fastmlp.GatedLinearFunction                the autograd.Function behind the gated op
@@ -21,7 +23,7 @@ _ensure_kernels_importable(__path__)
 from fastmlp import functional  # noqa: E402
 from fastmlp.backend import get_backend, set_backend, use_backend  # noqa: E402
 from fastmlp.data import TensorLoader  # noqa: E402
-from fastmlp.nn import FusedLinear, FusedLinearReLU  # noqa: E402
+from fastmlp.nn import FusedLinear, FusedLinearReLU, GatedMLP  # noqa: E402
 from fastmlp.fusion import fuse  # noqa: E402
 from fastmlp.mlp import FusedMLP  # noqa: E402
 from fastmlp.ops import ACTIVATIONS, FusedLinearFunction  # noqa: E402
@@ -42,6 +44,7 @@ __all__ = [
     "FusedLinearReLU",
     "FusedLinearFunction",
     "GatedLinearFunction",
+    "GatedMLP",
     "fuse",
     "FusedMLP",
     "get_backend",

@@ -3,38 +3,20 @@ transformers; it is not a dependency). Tiny random configs of Llama, Qwen2, Mist
 T5 v1.1 (gated GELU), OPT, BART, Whisper and CLIP: what fuse takes over in each, and that the fused
 model computes what the stock one does (last hidden state, the gradient of every parameter).
 
-The repository's top-level ``kernels/`` folder (shipped as fastmlp.kernels) has the name of the
-Hugging Face ``kernels`` package, which transformers probes for at import; run from the checkout,
-the probe would find ours. transformers is therefore imported with the checkout's root left off
-sys.path.
+transformers is imported through tests/optional_packages.py (the checkout's `kernels/`
+folder would otherwise hide Hugging Face's `kernels` package from it).
 """
 
 import copy
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import fastmlp
+from optional_packages import import_transformers
 from reference import assert_close
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_transformers():
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != ROOT]
-    try:
-        transformers = pytest.importorskip("transformers")
-        import transformers.activations  # noqa: F401 - runs the hub-kernels probe now
-        return transformers
-    finally:
-        sys.path[:] = saved
-
-
-T = _import_transformers()
+T = import_transformers()
 SMALL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
 ENCODER_DECODER = dict(d_model=32, encoder_ffn_dim=48, decoder_ffn_dim=48, encoder_layers=1,
@@ -130,3 +112,28 @@ def test_fuse_takes_over_the_mlp_blocks(name):
             assert p.grad is None, pname
         else:
             assert_close(p.grad, expected, torch.float32, f"{name} {pname} grad")
+
+
+def _timm_layers():
+    timm = pytest.importorskip("timm")   # skips where timm (or its torchvision) is missing
+    return timm.layers
+
+
+@pytest.mark.parametrize("block,fused_names", [
+    ("Mlp", ["fc1"]), ("GluMlp", ["fc1"]), ("SwiGLUPacked", ["fc1"]),
+    ("SwiGLU", ["fc1_g", "fc1_x"]),
+])
+def test_fuse_timm_mlp_blocks(block, fused_names):
+    layers = _timm_layers()
+    torch.manual_seed(3)
+    model = getattr(layers, block)(12, 20).eval()
+    stock = copy.deepcopy(model)
+    fused, report = fastmlp.fuse(model, return_report=True)
+    assert [e.name for e in report if e.fused] == fused_names, str(report)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, out_ref = fused(x), stock(x_ref)
+    assert_close(out, out_ref, torch.float32, f"{block} output")
+    out.sum().backward()
+    out_ref.sum().backward()
+    assert_close(x.grad, x_ref.grad, torch.float32, f"{block} input grad")
