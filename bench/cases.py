@@ -30,6 +30,21 @@ TINY_NARROW = (64, (8, 16, 16, 4))
 # Stand-ins with the same structure for the harness's own tests (--tiny).
 TINY_BATCH, TINY_DIMS, TINY_SAMPLES = 8, (16, 12, 4), 64
 TINY_MLP_SHAPES = ((32, 16, 16, False), (64, 8, 8, False))
+# The gated MLP block of Llama-7B (Llama 1 and 2): 4096 -> 11008 -> 4096, SwiGLU, no biases, bf16
+# (the dtype it is trained and served in). Workloads: the gated op alone (gate and up
+# projections, act(G) * U), the whole block (then the down projection), and the block with the
+# gate and up weights packed in one [2H, K] Linear as Phi-3 holds them ("packed").
+LLAMA_7B_MLP = (4096, 11008, 4096)
+GATED_ACTIVATION, GATED_DTYPE = "silu", "bf16"
+GATED_WORKLOADS = ("gated-linear", "gated-mlp", "gated-mlp-packed")
+# Tokens per call and the passes timed there: 4096 is one sequence of Llama 2's context (a
+# training micro-batch of one sequence; the prefill of one long prompt), 16384 a micro-batch of
+# four such sequences (or eight of Llama 1's 2048), both forward and forward+backward; 64 is one
+# decoding step of 64 sequences (forward only: nothing trains there), where the weights' bytes,
+# not the FLOPs, decide.
+GATED_TOKENS = ((4096, ("fwd", "fwd+bwd")), (16384, ("fwd", "fwd+bwd")), (64, ("fwd",)))
+# Toy stand-in (--tiny): odd sizes (masked tiles), out = in as in the real block.
+TINY_GATED = (7, (13, 19, 13))
 
 
 @dataclass(frozen=True)
@@ -37,7 +52,9 @@ class Case:
     """One timed workload.
 
     kind:   "layer" (Linear+ReLU as a hidden layer: the input needs a gradient),
-            "model" (Linear, ReLU, …, Linear: the seed network; data needs no gradient), or
+            "model" (Linear, ReLU, …, Linear: the seed network; data needs no gradient),
+            "gated" (a gated block of a transformer: dims in → hidden for the gated op alone,
+            in → hidden → out for the MLP block; the input needs a gradient), or
             "epoch" (one pass of the training loop over `samples` samples).
     pass_:  "fwd" (inference, under no_grad), "fwd+bwd", "step" (fwd+bwd+SGD) or "epoch".
     dims:   feature sizes in → … → out; batch is M.
@@ -72,6 +89,8 @@ class Case:
     def cost(self) -> costs.Cost:
         if "narrow" in self.tags:
             return costs.fused_stack_cost(self.batch, self.dims, self.dtype, self.pass_)
+        if self.kind == "gated":
+            return costs.gated_cost(self.batch, self.dims, self.dtype, self.pass_)
         if self.kind == "epoch":
             steps = self.samples // self.batch
             return costs.mlp_cost(self.batch, self.dims, self.dtype, "step", False) * steps
@@ -98,8 +117,9 @@ def catalogue(device_type: str, full: bool = False, tiny: bool = False,
 
     Default on CUDA: all shapes, all four precisions. Default on CPU: fp32 only, the seed
     workloads, the 1024 and skinny MLP shapes (a couple of minutes on two cores). full: on CPU add
-    the 4096 shape and the half precisions. tiny: the same structure at toy sizes, for tests.
-    dtypes, if given, restricts the precisions.
+    the 4096 shape and the half precisions. The gated rows (Llama-7B's MLP block, bf16) are
+    GPU-only. tiny: the same structure at toy sizes, for tests. dtypes, if given, restricts the
+    precisions.
     """
     on_gpu = device_type == "cuda"
     batch, dims, samples = (TINY_BATCH, TINY_DIMS, TINY_SAMPLES) if tiny else (
@@ -154,4 +174,26 @@ def catalogue(device_type: str, full: bool = False, tiny: bool = False,
                         cases.append(Case("mlp-layer", "layer", pass_, dtype, m, (k, n),
                                           gpu_only=gpu_only, tags=("mlp", "activation"),
                                           activation=activation))
+    # The gated rows last: runs cut short by a budget keep every row they had before. The
+    # Llama-7B sizes take minutes per call on a CPU: GPU-only (python -m bench names them as not
+    # run there); --tiny runs the same rows at toy sizes.
+    if not dtypes or GATED_DTYPE in dtypes:
+        gated_rows = [(TINY_GATED[0], ("fwd", "fwd+bwd"))] if tiny else (
+            list(GATED_TOKENS) if on_gpu else [])
+        dims3 = TINY_GATED[1] if tiny else LLAMA_7B_MLP
+        for workload in GATED_WORKLOADS:
+            dims = dims3[:2] if workload == "gated-linear" else dims3
+            tags = ("gated", "packed") if workload.endswith("packed") else ("gated",)
+            for tokens, passes in gated_rows:
+                for pass_ in passes:
+                    cases.append(Case(workload, "gated", pass_, GATED_DTYPE, tokens, dims,
+                                      gpu_only=not tiny, tags=tags,
+                                      activation=GATED_ACTIVATION))
     return cases
+
+
+def gpu_only_cases(full: bool = False, tiny: bool = False,
+                   dtypes: Optional[List[str]] = None) -> List[Case]:
+    """The cases a CUDA run has and a CPU run leaves out for their size (gpu_only), for the
+    report's list of what was not run on a CPU and why."""
+    return [c for c in catalogue("cuda", full=full, tiny=tiny, dtypes=dtypes) if c.gpu_only]

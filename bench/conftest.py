@@ -2,7 +2,8 @@
 
 Parametrises every test that takes `bench_case_variant` with the shared catalogue (bench.cases)
 for the device at hand, filtered by the module's KINDS (and WORKLOADS, where a module names
-them: one file per operator or network). Options:
+them: one file per operator or network); a file with no case on this device (GPU-only rows on a
+CPU) is one skipped test naming them. Options:
   --bench-full          every workload and precision for the device (as python -m bench --full)
   --bench-tiny          toy sizes (a smoke run of the suite itself)
   --bench-no-compile    skip torch.compile baselines
@@ -16,7 +17,7 @@ accepted so that the command still runs; python -m bench needs no pytest-benchma
 import pytest
 import torch
 
-from bench.runner import RunOptions, select_cases, variants_for
+from bench.runner import RunOptions, gpu_only_left_out, select_cases, variants_for
 
 try:
     import pytest_benchmark  # noqa: F401
@@ -53,18 +54,33 @@ def _options(config) -> RunOptions:
                       or config.getoption("--bench-full"))
 
 
-def pytest_generate_tests(metafunc):
-    if "bench_case_variant" not in metafunc.fixturenames:
-        return
-    opts = _options(metafunc.config)
-    kinds = getattr(metafunc.module, "KINDS", ())
-    workloads = getattr(metafunc.module, "WORKLOADS", None)
+def module_params(opts: RunOptions, kinds, workloads=None):
+    """The (case, variant) pairs of one pytest file (its KINDS and WORKLOADS) and their ids; a
+    file with none on this device gets one skipped parameter saying why (its cases are
+    GPU-only), not pytest's anonymous "empty parameter set"."""
+    def mine(case):
+        return case.kind in kinds and (workloads is None or case.workload in workloads)
+
     params, ids = [], []
     for case in select_cases(opts):
-        if case.kind in kinds and (workloads is None or case.workload in workloads):
+        if mine(case):
             for variant in variants_for(case, opts):
                 params.append((case, variant))
                 ids.append(f"{case.id}|{variant}")
+    if not params:
+        gpu_only = [c.id for c in gpu_only_left_out(opts) if mine(c)]
+        reason = (f"{len(gpu_only)} GPU-only case(s) (e.g. {gpu_only[0]}), none on {opts.device}; "
+                  f"--bench-tiny runs them at toy sizes" if gpu_only
+                  else f"no case of this file for {opts.device} with these options")
+        params, ids = [pytest.param(None, marks=pytest.mark.skip(reason=reason))], ["none"]
+    return params, ids
+
+
+def pytest_generate_tests(metafunc):
+    if "bench_case_variant" not in metafunc.fixturenames:
+        return
+    params, ids = module_params(_options(metafunc.config), getattr(metafunc.module, "KINDS", ()),
+                                getattr(metafunc.module, "WORKLOADS", None))
     metafunc.parametrize("bench_case_variant", params, ids=ids)
 
 

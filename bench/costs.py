@@ -97,6 +97,35 @@ def fused_stack_cost(batch: int, dims: Sequence[int], dtype: str, pass_: str) ->
     return Cost(flops, e * elements)
 
 
+def gated_cost(tokens: int, dims: Tuple[int, ...], dtype: str, pass_: str) -> Cost:
+    """FLOPs and minimum bytes of the gated op (dims = (K, H)) or of the gated MLP block
+    (dims = (K, H, N): then the down projection H -> N), no biases, counted as costs.py counts a
+    layer: every GEMM's FLOPs; each tensor an op reads or writes once, with perfect fusion inside
+    each op, and what the op's design saves for backward (fastmlp/gated.py: G and U).
+
+    Gated op forward: reads X [M, K], W_g and W_u [H, K], writes Y [M, H], and when training G
+    and U [M, H]. Backward: reads dY, G, U, the weights (for dX) and X (for dW); writes dX, dW_g,
+    dW_u. Down projection: a Linear without activation (forward reads Y and W_d, writes the
+    output; backward reads its gradient, W_d and Y, writes dY and dW_d).
+    """
+    e = ELEMENT_BYTES[dtype]
+    m, k, h = tokens, dims[0], dims[1]
+    train = pass_ != "fwd"
+    flops = 2 * m * k * 2 * h
+    elements = m * k + 2 * h * k + m * h + (2 * m * h if train else 0)
+    if train:
+        flops += 2 * 2 * m * k * 2 * h
+        elements += 3 * m * h + 2 * h * k + m * k + m * k + 2 * h * k
+    if len(dims) == 3:
+        n = dims[2]
+        flops += 2 * m * h * n
+        elements += m * h + n * h + m * n
+        if train:
+            flops += 2 * 2 * m * h * n
+            elements += m * n + n * h + m * h + m * h + n * h
+    return Cost(flops, e * elements)
+
+
 def floor_seconds(cost: Cost, dtype: str, peaks: Dict = H100_SXM_DATASHEET) -> Tuple[float, str]:
     """The shortest time the cost allows at the given peaks, and which side binds."""
     compute = cost.flops / (peaks["tflops"][dtype] * 1e12)

@@ -14,7 +14,7 @@ import torch
 from bench import timing
 from bench.cases import Case
 from bench.loops import build_epoch, epoch_data
-from bench.variants import build, case_data, precision, reference_model
+from bench.variants import build, case_data, precision, reference_model, unavailable
 
 _cache: dict = {}
 
@@ -43,8 +43,15 @@ def rounds_for(seconds_per_call: float, target_s: float, lo: int = 5, hi: int = 
 
 def run(benchmark, case: Case, variant: str, target_s: float = 1.0,
         rounds: Optional[int] = None) -> Tuple[float, int]:
-    """Time `variant` of `case` with benchmark.pedantic; returns (first-call seconds, rounds)."""
+    """Time `variant` of `case` with benchmark.pedantic; returns (first-call seconds, rounds).
+    A variant that cannot run here (variants.unavailable: e.g. Liger-Kernel not installed) is
+    a pytest skip with the reason."""
     device = bench_device()
+    why = unavailable(case, variant, device)
+    if why is not None:
+        import pytest
+
+        pytest.skip(why)
     benchmark.group = f"{case.workload} {case.shape} {case.dtype} {case.pass_}"
     cost = case.cost
     benchmark.extra_info.update(case=case.id, variant=variant, device=device.type, flops=cost.flops,

@@ -17,7 +17,9 @@ _MISSING = {"skipped": "skip", "error": "err"}
 
 
 # The report's tables: kernels (layers and models) and the training loop, each with its own baselines.
-TABLE_GROUPS = (("Layers and models", ("layer", "model")), ("Training loop, one epoch", ("epoch",)))
+TABLE_GROUPS = (("Layers and models", ("layer", "model")),
+                ("Gated op and gated MLP blocks", ("gated",)),
+                ("Training loop, one epoch", ("epoch",)))
 
 
 def grouped(results: dict) -> List[tuple]:
@@ -103,6 +105,18 @@ def graphed_table(results: dict) -> Optional[str]:
                           + rows)
 
 
+def not_run_line(not_run: List[dict], device_type: str) -> str:
+    """One line naming the cases this device's run left out (runner.not_run_here), grouped by
+    workload and shape, with the count of cases (dtypes, passes) in each."""
+    groups: Dict[str, int] = {}
+    for entry in not_run:
+        workload, shape = entry["id"].split("/")[:2]
+        key = f"{workload} {shape}"
+        groups[key] = groups.get(key, 0) + 1
+    listed = ", ".join(f"{key} ({n})" for key, n in groups.items())
+    return f"Not run on {device_type}: {len(not_run)} GPU-only case(s), {listed}."
+
+
 def peak_line(results: dict) -> str:
     parts = [f"{d} {p['tflops']:.2f} TFLOP/s ({p['size']}³ torch.matmul)"
              for d, p in results["peak"].items()]
@@ -144,10 +158,14 @@ def summary_markdown(results: dict, date: str) -> str:
     ]
     for title, sub in grouped(results):
         lines += [f"**{title}**", "", markdown_table(table_rows(sub)), ""]
+    if results.get("not_run"):
+        lines += [not_run_line(results["not_run"], dev["type"]) + " (results.json: "
+                  "\"not_run\", each with its reason)", ""]
     lines += [
         "Times are medians in ms of many synchronised calls after warm-up (epochs: whole epochs, "
         "first epoch excluded); × = baseline median / fastmlp median from the same run (above 1: "
-        "fastmlp is faster); TFLOP/s counts GEMM FLOPs only; skip = over a time/compile budget, "
+        "fastmlp is faster); TFLOP/s counts GEMM FLOPs only; skip = not run: over a "
+        "time/compile budget, or not available here (results.json gives the reason); "
         "err = the variant failed (see results.json), "
         "† = forward output off the fp32 reference by more than the dtype's tolerance.",
     ]

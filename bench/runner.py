@@ -14,13 +14,13 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from bench import costs, environment
+from bench import costs, environment, report
 from bench import timing as timers
-from bench.cases import Case, catalogue
+from bench.cases import Case, catalogue, gpu_only_cases
 from bench.loops import EPOCH_VARIANTS, build_epoch, epoch_data
 from bench.peak import measure_matmul_peak
 from bench.variants import (COMPILE_MODES, LAYER_VARIANTS, Runnable, applies, build, case_data,
-                            precision, reference_model)
+                            precision, reference_model, unavailable)
 
 SCHEMA_VERSION = 1
 # Parity tolerance of a forward output against the fp32 ("highest") reference, relative to the
@@ -55,6 +55,26 @@ def select_cases(opts: RunOptions) -> List[Case]:
     if opts.only:
         cases = [c for c in cases if any(pattern in c.id for pattern in opts.only)]
     return cases
+
+
+def gpu_only_left_out(opts: RunOptions) -> List[Case]:
+    """The selected cases a CUDA run would have and this CPU run leaves out for their size
+    (none on CUDA)."""
+    if opts.device == "cuda":
+        return []
+    here = {c.id for c in select_cases(opts)}
+    cases = gpu_only_cases(full=opts.full, tiny=opts.tiny, dtypes=opts.dtypes or None)
+    if opts.only:
+        cases = [c for c in cases if any(pattern in c.id for pattern in opts.only)]
+    return [c for c in cases if c.id not in here]
+
+
+def not_run_here(opts: RunOptions) -> List[dict]:
+    """gpu_only_left_out as {"id", "reason"} entries: the report lists them, so that no row goes
+    missing silently."""
+    return [{"id": c.id, "reason": f"GPU-only case ({c.cost.flops / 1e9:.0f} GFLOP per call, "
+                                   f"too long for a run on {opts.device})"}
+            for c in gpu_only_left_out(opts)]
 
 
 def variants_for(case: Case, opts: RunOptions) -> List[str]:
@@ -162,7 +182,7 @@ def run_case(case: Case, device: torch.device, opts: RunOptions, budget: _Budget
             ref_out = _reference_output(case, reference, data, device) if case.pass_ == "fwd" else None
 
     for name in variants_for(case, opts):
-        reason = budget.skip_reason(name)
+        reason = unavailable(case, name, device) or budget.skip_reason(name)
         if reason:
             record["variants"][name] = empty_variant("skipped", reason)
             log(f"  {name:<28} skipped: {reason}")
@@ -238,7 +258,10 @@ def run_suite(opts: RunOptions, log: Callable[[str], None] = print,
     started_at, t_start = environment.now(), time.perf_counter()
     load_at_start = environment.load_average()
     cases = select_cases(opts)
+    not_run = not_run_here(opts)
     dtypes = sorted({c.dtype for c in cases}, key=["fp32", "tf32", "fp16", "bf16"].index)
+    if not_run:
+        log(report.not_run_line(not_run, device.type))
     log(f"fastmlp bench on {device.type}: {len(cases)} cases; measuring the matmul peak "
         f"({', '.join(dtypes)}) ...")
     peak_opts = timers.TimingOptions.single_round() if opts.tiny else opts.timing
@@ -259,6 +282,7 @@ def run_suite(opts: RunOptions, log: Callable[[str], None] = print,
         "peak": peaks,
         "datasheet": costs.H100_SXM_DATASHEET,
         "compile_spent_s": 0.0,
+        "not_run": not_run,
         "records": [],
     }
     for i, case in enumerate(cases, 1):

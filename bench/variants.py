@@ -15,6 +15,19 @@ inputs) and differs only in how it computes:
   compile               torch.compile(model, fullgraph=True, dynamic=False)
   compile-max-autotune  the same with mode="max-autotune" (long compiles: opt-in)
 
+The gated cases (kind "gated") start from a look-alike of the model family's own block instead
+(GatedProjection, LlamaStyleMLP, Phi3StyleMLP: nn.Linear children named as the models name
+them), and time:
+
+  eager                 that block as it is
+  fastmlp               fastmlp.GatedMLP.from_module of it where fastmlp has GatedMLP (the
+                        blocks), else fastmlp.functional (gated_linear / gated_linear_packed,
+                        then linear for the down projection) on the block's own Linears
+  liger                 Liger-Kernel's LigerSwiGLUMLP (Llama layout, SwiGLU), where
+                        liger_kernel imports and a CUDA device is there (else recorded as
+                        skipped, with why: ``unavailable``)
+  compile               torch.compile of the block, as above
+
 A Runnable's fn is one timed call with no synchronisation (the timer owns that); reset and grads
 say what must be cleared outside the timed region (gradients, so that no variant pays for
 accumulating into a previous call's .grad).
@@ -22,8 +35,10 @@ accumulating into a previous call's .grad).
 
 import contextlib
 import copy
+import functools
+import types
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -35,7 +50,8 @@ from fastmlp import activations
 TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16,
                 "bf16": torch.bfloat16}
 LAYER_VARIANTS = ("fastmlp", "fastmlp-mlp", "fastmlp-per-layer", "fastmlp-fused", "eager",
-                  "cublaslt-epilogue", "compile", "compile-max-autotune")
+                  "cublaslt-epilogue", "liger", "compile", "compile-max-autotune")
+GATED_VARIANTS = ("fastmlp", "eager", "liger", "compile", "compile-max-autotune")
 COMPILE_MODES = {"compile": "default", "compile-max-autotune": "max-autotune"}
 SEED_LR = 1e-4
 
@@ -49,6 +65,7 @@ class Runnable:
     grads: List[torch.Tensor] = field(default_factory=list)
     output: Optional[Callable[[], torch.Tensor]] = None  # the fwd output, for the parity check
     notes: str = ""
+    model: Optional[nn.Module] = None  # the module timed (tests check what it computes)
 
 
 @contextlib.contextmanager
@@ -125,7 +142,14 @@ def applies(case: Case, name: str) -> bool:
     """Whether variant `name` can run `case`: the cuBLASLt epilogue exists for the activations
     whose row names one (_epilogue_runs). Narrow-MLP rows ("narrow" tag): fastmlp is
     FusedMLP (its dispatcher's pick), fastmlp-fused its fully fused path forced, fastmlp-per-layer
-    fastmlp.fuse's per-layer kernels; the seed model also times FusedMLP, as fastmlp-mlp."""
+    fastmlp.fuse's per-layer kernels; the seed model also times FusedMLP, as fastmlp-mlp.
+    Gated rows: GATED_VARIANTS, liger for the Llama-layout SwiGLU block only."""
+    if case.kind == "gated":
+        if name == "liger":  # LigerSwiGLUMLP: the Llama layout, SwiGLU only
+            return case.workload == "gated-mlp" and case.activation == "silu"
+        return name in GATED_VARIANTS
+    if name == "liger":
+        return False
     narrow = "narrow" in case.tags
     if name in ("fastmlp-per-layer", "fastmlp-fused"):
         return narrow
@@ -155,10 +179,159 @@ def epilogue_fuse(model: nn.Sequential) -> nn.Sequential:
     return nn.Sequential(*out)
 
 
-def reference_model(case: Case, device: torch.device) -> nn.Sequential:
+class GatedProjection(nn.Module):
+    """act(gate_proj(x)) * up_proj(x): the gated op alone as torch users write it (F.linear
+    twice, the activation, the product), no biases, as in Llama."""
+
+    def __init__(self, in_features: int, hidden: int, activation: str = "silu", device=None,
+                 dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.gate_proj = nn.Linear(in_features, hidden, bias=False, **factory)
+        self.up_proj = nn.Linear(in_features, hidden, bias=False, **factory)
+        self.act_fn = activation_module(activation)
+
+    def forward(self, x):
+        return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+
+
+class LlamaStyleMLP(GatedProjection):
+    """down_proj(act_fn(gate_proj(x)) * up_proj(x)): the MLP block of Llama-style models, with
+    their attribute names (so fastmlp.GatedMLP.from_module and LigerSwiGLUMLP take it)."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int,
+                 activation: str = "silu", device=None, dtype=None):
+        super().__init__(in_features, hidden, activation, device, dtype)
+        self.down_proj = nn.Linear(hidden, out_features, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x):
+        return self.down_proj(super().forward(x))
+
+
+class Phi3StyleMLP(nn.Module):
+    """The same block with the gate and up weights packed in one Linear, as Phi-3 holds them:
+    gate, up = gate_up_proj(x).chunk(2, -1) (gate first), down_proj(up * act(gate))."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int,
+                 activation: str = "silu", device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.gate_up_proj = nn.Linear(in_features, 2 * hidden, bias=False, **factory)
+        self.down_proj = nn.Linear(hidden, out_features, bias=False, **factory)
+        self.activation_fn = activation_module(activation)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * self.activation_fn(gate))
+
+
+def gated_block(workload: str, dims, activation: str = "silu") -> nn.Module:
+    """The eager block of a gated workload (bench.cases.GATED_WORKLOADS) at `dims`: (K, H) for
+    the gated op alone, (K, H, N) for the MLP blocks."""
+    if workload == "gated-linear":
+        return GatedProjection(dims[0], dims[1], activation)
+    if workload == "gated-mlp":
+        return LlamaStyleMLP(*dims, activation=activation)
+    if workload == "gated-mlp-packed":
+        return Phi3StyleMLP(*dims, activation=activation)
+    raise ValueError(f"unknown gated workload {workload!r}")
+
+
+class FunctionalGatedBlock(nn.Module):
+    """A gated block's own Linears (same names, so the same state_dict keys) computed by
+    fastmlp.functional: gated_linear, or gated_linear_packed for a packed ``gate_up_proj``
+    (gate rows first), then linear for ``down_proj`` when the block has one."""
+
+    def __init__(self, block: nn.Module, activation: str):
+        super().__init__()
+        for name, child in block.named_children():
+            if isinstance(child, nn.Linear):
+                self.add_module(name, child)
+        self.activation = activation
+
+    def forward(self, x):
+        from fastmlp import functional
+
+        if "gate_up_proj" in self._modules:
+            packed = self.gate_up_proj
+            h = functional.gated_linear_packed(x, packed.weight, packed.bias, self.activation,
+                                               gate_first=True)
+        else:
+            h = functional.gated_linear(x, self.gate_proj.weight, self.up_proj.weight,
+                                        self.gate_proj.bias, self.up_proj.bias, self.activation)
+        if "down_proj" not in self._modules:
+            return h
+        return functional.linear(h, self.down_proj.weight, self.down_proj.bias)
+
+
+@functools.lru_cache(maxsize=None)
+def liger_import_error() -> Optional[str]:
+    """None when Liger-Kernel's LigerSwiGLUMLP imports, else why not (it is optional: the bench
+    neither needs nor installs it)."""
+    try:
+        from liger_kernel.transformers.swiglu import LigerSwiGLUMLP  # noqa: F401
+    except Exception as exc:  # ImportError, or a Triton/torch it cannot work with
+        return f"liger_kernel is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def unavailable(case: Case, name: str, device: torch.device) -> Optional[str]:
+    """Why variant `name` cannot run `case` on `device` here (recorded as skipped with this
+    reason), or None when it can."""
+    if name == "liger":
+        why = liger_import_error()
+        if why is not None:
+            return why
+        if device.type != "cuda":
+            return "Liger-Kernel's Triton kernels run on CUDA devices only"
+    return None
+
+
+def liger_mlp(reference: nn.Module) -> nn.Module:
+    """LigerSwiGLUMLP with a copy of a LlamaStyleMLP's parameters (the same keys)."""
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+
+    k, h = reference.gate_proj.in_features, reference.gate_proj.out_features
+    if reference.down_proj.out_features != k:
+        raise ValueError(f"LigerSwiGLUMLP maps hidden_size back to itself: the block is "
+                         f"{k} -> {h} -> {reference.down_proj.out_features}")
+    config = types.SimpleNamespace(hidden_size=k, intermediate_size=h, hidden_act="silu")
+    weight = reference.gate_proj.weight
+    mlp = LigerSwiGLUMLP(config).to(device=weight.device, dtype=weight.dtype)
+    mlp.load_state_dict(reference.state_dict())
+    return mlp
+
+
+def fastmlp_block(block: nn.Module, activation: str) -> Tuple[nn.Module, str]:
+    """(module, note): fastmlp computing `block` (a gated_block) with its very parameters:
+    fastmlp.GatedMLP.from_module for the MLP blocks where fastmlp has GatedMLP, else
+    FunctionalGatedBlock; the note says which."""
+    if "down_proj" in block._modules and hasattr(fastmlp, "GatedMLP"):
+        mlp = fastmlp.GatedMLP.from_module(block)
+        return mlp, f"fastmlp.GatedMLP (layout {mlp.layout!r})"
+    packed = "_packed" if "gate_up_proj" in block._modules else ""
+    down = " + linear" if "down_proj" in block._modules else ""
+    return (FunctionalGatedBlock(block, activation),
+            f"fastmlp.functional.gated_linear{packed}{down}")
+
+
+def gated_model(case: Case, name: str, reference: nn.Module) -> Tuple[nn.Module, str]:
+    """(module, note) of variant `name` for a gated case: a private copy of the reference
+    block's parameters, computed the variant's way; the note says which fastmlp form ran."""
+    if name == "fastmlp":
+        return fastmlp_block(copy.deepcopy(reference), case.activation)
+    if name == "liger":
+        return liger_mlp(reference), "liger_kernel LigerSwiGLUMLP"
+    return build_model(name, reference), ""
+
+
+def reference_model(case: Case, device: torch.device) -> nn.Module:
     """The case's network in nn.Linear + activation form: Linear+activation per layer, none after
-    a model's last."""
+    a model's last; for a gated case, its eager block (gated_block)."""
     torch.manual_seed(0)
+    if case.kind == "gated":
+        block = gated_block(case.workload, case.dims, case.activation)
+        return block.to(device=device, dtype=TORCH_DTYPES[case.dtype])
     layers: List[nn.Module] = []
     pairs = list(zip(case.dims[:-1], case.dims[1:]))
     for i, (k, n) in enumerate(pairs):
@@ -248,11 +421,16 @@ def _path_note(model: nn.Module, x: torch.Tensor) -> str:
 
 
 def build(case: Case, name: str, reference: nn.Sequential, data: CaseData) -> Runnable:
-    """The timed call of variant `name` for a layer or model case."""
-    model = _fastmlp_model(case, name, reference)
-    model = build_model(name, reference) if model is None else model
+    """The timed call of variant `name` for a layer, model or gated case."""
+    if case.kind == "gated":
+        model, gated_note = gated_model(case, name, reference)
+    else:
+        model, gated_note = _fastmlp_model(case, name, reference), ""
+        model = build_model(name, reference) if model is None else model
     params = [p for p in model.parameters()]
-    if case.pass_ != "fwd" and case.kind == "model":
+    if gated_note:
+        note = gated_note
+    elif case.pass_ != "fwd" and case.kind == "model":
         with torch.enable_grad():
             note = _path_note(model, data.x)
     else:
@@ -267,10 +445,11 @@ def build(case: Case, name: str, reference: nn.Sequential, data: CaseData) -> Ru
                 last["y"] = model(x)
             return last["y"]
 
-        return Runnable(forward, output=lambda: last["y"], notes=note)
+        return Runnable(forward, output=lambda: last["y"], notes=note, model=model)
 
-    if case.kind == "layer":
-        # A hidden layer: its input needs a gradient; the upstream gradient is a fixed tensor.
+    if case.kind in ("layer", "gated"):
+        # A hidden layer (or block): its input needs a gradient; the upstream gradient is a
+        # fixed tensor.
         x = data.x.detach().clone().requires_grad_(True)
         grad_out = data.target
 
@@ -278,7 +457,8 @@ def build(case: Case, name: str, reference: nn.Sequential, data: CaseData) -> Ru
             model(x).backward(grad_out)
 
         grads = [x] + params
-        return Runnable(forward_backward, reset=lambda: _clear(grads), grads=grads)
+        return Runnable(forward_backward, reset=lambda: _clear(grads), grads=grads, notes=note,
+                        model=model)
 
     loss_fn = nn.MSELoss(reduction="sum")  # the seed's MSELoss(size_average=False)
     x, target = data.x, data.target
@@ -286,7 +466,8 @@ def build(case: Case, name: str, reference: nn.Sequential, data: CaseData) -> Ru
         def forward_backward():
             loss_fn(model(x), target).backward()
 
-        return Runnable(forward_backward, reset=lambda: _clear(params), grads=params, notes=note)
+        return Runnable(forward_backward, reset=lambda: _clear(params), grads=params, notes=note,
+                        model=model)
 
     optimizer, opt_name = make_optimizer(name, params)
 
@@ -299,7 +480,8 @@ def build(case: Case, name: str, reference: nn.Sequential, data: CaseData) -> Ru
         loss.backward()
         optimizer.step()
 
-    return Runnable(step, notes=f"optimizer {opt_name}" + (f", {note}" if note else ""))
+    return Runnable(step, notes=f"optimizer {opt_name}" + (f", {note}" if note else ""),
+                    model=model)
 
 
 def _clear(tensors):
