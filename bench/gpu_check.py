@@ -7,8 +7,9 @@ with torch and triton installed and no package registry, used through a plain co
 repository, whose tool brings back at most 8 files from OUT. Stages (default budgets in
 bench/gpucheck/plan.py; why these numbers: bench/NOTES.md):
 
-  1 correctness  every kernel (forward, dX, dW+db, SGD) x fp32/TF32/fp16/bf16 x activations
-                 against float64 torch, fit with and without CUDA graph        100 s
+  1 correctness  the tests that cover every kernel first (bench/gpucheck/correctness.py):
+                 Linear+act and gated forward/dX/dW+db x fp32/TF32/fp16/bf16 x activations,
+                 SGD, fit with and without CUDA graph, modules; pytest, NaN-poisoned 100 s
   2 headline     bf16 8192x4096->4096, bf16 65536x256->256, the seed step and epoch, against
                  eager, torch._addmm_activation and torch.compile, same run    150 s
   3 tests        pytest tests -m "not slow" in parallel, per-test timeout     120 s
@@ -25,7 +26,7 @@ flight. Files in OUT (never more than 8, no folders):
                         versions, date, git commit; "verdict"
   summary.md            the same for people: stage table, correctness matrix, headline table
   check.log             every stage's stdout and stderr, in order
-  correctness.json      stage 1's rows (error, tolerance, reason)
+  correctness.json      stage 1's rows: one per test (status, closest error/tolerance, reason)
   headline.json         stage 2's records (bench's results.json schema) and autotuner picks
   junit.xml             stage 3
   bench-results.tar.gz  stage 5's results folder (results.json, .csv, README-table.md, PNGs, log)
@@ -99,11 +100,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip", action="append", default=[], choices=plan.STAGES,
                    help="skip a stage (repeatable)")
     p.add_argument("--workers", type=int, default=None,
-                   help="correctness worker processes (default CPUs - 2, at most 14)")
+                   help="pytest-xdist workers of the correctness stage (default CPUs - 2, at "
+                        "most 14; 2 in a dry run)")
     p.add_argument("--pytest-workers", type=int, default=None,
                    help="pytest-xdist workers (default min(8, CPUs); 2 in a dry run)")
     p.add_argument("--test-timeout", type=float, default=60.0, metavar="S",
-                   help="per-test timeout when pytest-timeout is installed (default %(default)g; 0: none)")
+                   help="per-test timeout of stages 1 and 3 when pytest-timeout is installed "
+                        "(default %(default)g; 0: none)")
     p.add_argument("--pytest-args", default=None,
                    help='test selection instead of the default (tests -m "not slow")')
     p.add_argument("--bench-args", default="",

@@ -14,8 +14,8 @@ sums are reduced afterwards), the path where programs of one kernel share the mo
 through the public API, which keeps working while the kernel files are refactored; the split
 itself is the launcher's choice (enough programs for two waves of the GPU's SMs).
 
-Every result is compared with float64 torch (the relative norm error and tolerances of
-tests/reference.py), so a silent wrong answer fails too. Exits non-zero on any mismatch.
+Every result is compared with float64 torch (fastmlp.testing's reference, relative norm error
+and tolerances), so a silent wrong answer fails too. Exits non-zero on any mismatch.
 """
 
 import argparse
@@ -24,7 +24,8 @@ import sys
 import torch
 
 import fastmlp
-from bench.gpucheck.correctness import fused, measure, project_tolerances, reference_activation
+import fastmlp.functional
+from fastmlp import testing
 
 MEMCHECK_SHAPES = ((37, 61, 53), (64, 1000, 100), (1, 16, 8))
 RACECHECK_SHAPES = ((8192, 16, 16), (4099, 16, 8))
@@ -32,36 +33,45 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SGD_SHAPES = ((100, 1000), (100,), (4097,), (1,))
 
 
+def _mismatch(got, want, tol):
+    """'' if got matches want (fastmlp.testing.rel_err under tol, no NaN), else what differs."""
+    if got is None:
+        return "not computed"
+    nan = int(torch.isnan(got).sum().item())
+    if nan:
+        return f"{nan} NaN element(s)"
+    err = testing.rel_err(got, want)
+    return "" if err < tol else f"relative error {err:.3e}"
+
+
 def check_layer(m: int, k: int, n: int, dtype_name: str, bias: bool, activation: str,
                 device: str) -> str:
     """'' if forward, dX, dW and db of one layer match float64 torch, else what differs."""
-    dtype, tol = DTYPES[dtype_name], project_tolerances()[dtype_name]
+    dtype = DTYPES[dtype_name]
+    tol = testing.TOLERANCE[dtype]
     gen = torch.Generator(device="cpu").manual_seed(m * k + n)
     x = torch.randn(m, k, generator=gen).to(device, dtype).requires_grad_(True)
     w = (torch.randn(n, k, generator=gen) * k ** -0.5).to(device, dtype).requires_grad_(True)
     b = torch.randn(n, generator=gen).to(device, dtype).requires_grad_(True) if bias else None
     grad = torch.randn(m, n, generator=gen).to(device, dtype)
-    y = fused(x, w, b, activation)
+    y = fastmlp.functional.linear_act(x, w, b, activation=activation)
     y.backward(grad)
-    x64 = x.detach().double().requires_grad_(True)
-    w64 = w.detach().double().requires_grad_(True)
-    b64 = b.detach().double().requires_grad_(True) if bias else None
-    y64 = reference_activation(activation)(torch.nn.functional.linear(x64, w64, b64))
-    y64.backward(grad.double())
-    pairs = [("y", y, y64), ("dx", x.grad, x64.grad), ("dw", w.grad, w64.grad)]
+    y64, dx64, dw64, db64 = testing.reference(x, w, b, activation, grad)
+    pairs = [("y", y, y64), ("dx", x.grad, dx64), ("dw", w.grad, dw64)]
     if bias:
-        pairs.append(("db", b.grad, b64.grad))
+        pairs.append(("db", b.grad, db64))
     for name, got, want in pairs:
-        m_ = measure(got, want.detach())
-        if m_.get("missing") or m_["nan"] or not m_["err"] < tol:
-            return (f"{name}: {m_} (tol {tol:g}; m={m} k={k} n={n} {dtype_name} bias={bias} "
+        why = _mismatch(got, want, tol)
+        if why:
+            return (f"{name}: {why} (tol {tol:g}; m={m} k={k} n={n} {dtype_name} bias={bias} "
                     f"{activation})")
     return ""
 
 
 def check_sgd(dtype_name: str, device: str, momentum: float) -> str:
     """One fastmlp.SGD step (two with momentum) against the float64 update."""
-    dtype, tol = DTYPES[dtype_name], project_tolerances()[dtype_name]
+    dtype = DTYPES[dtype_name]
+    tol = testing.TOLERANCE[dtype]
     gen = torch.Generator(device="cpu").manual_seed(11)
     params = [torch.randn(*s, generator=gen).to(device, dtype).requires_grad_(True)
               for s in SGD_SHAPES]
@@ -77,9 +87,9 @@ def check_sgd(dtype_name: str, device: str, momentum: float) -> str:
             ref[i] = ref[i] - 0.1 * g
         opt.step()
     got = torch.cat([p.detach().flatten() for p in params])
-    m_ = measure(got, torch.cat([r.flatten() for r in ref]))
-    if m_["nan"] or not m_["err"] < tol:
-        return f"SGD {dtype_name} momentum={momentum}: {m_} (tol {tol:g})"
+    why = _mismatch(got, torch.cat([r.flatten() for r in ref]), tol)
+    if why:
+        return f"SGD {dtype_name} momentum={momentum}: {why} (tol {tol:g})"
     return ""
 
 

@@ -95,31 +95,32 @@ def test_dry_run_out_is_compact(dry_run):
 
 
 @pytest.mark.slow
-def test_dry_run_correctness_covers_every_kernel_and_dtype(dry_run):
+def test_dry_run_correctness_runs_the_selected_tests(dry_run):
+    """Stage 1 ran the dry run's slice of the tests through the plugin: every group, every
+    activation of both ops, each test a row with its closest comparison, outputs poisoned."""
     _, out, summary, _ = dry_run
     with open(out / "correctness.json") as f:
         data = json.load(f)
-    assert data["complete"] is True and data["interpreter"] is True
+    assert data["complete"] is True and data["interpreter"] is True, data["unfinished"]
+    assert data["unmatched"] == [] and data["collection_errors"] == [] and data["exitstatus"] == 0
     rows = data["rows"]
-    for kernel in ("forward", "dX", "dW+db", "SGD"):
-        for dtype in correctness.DTYPES:
-            mine = [r for r in rows if r["kernel"] == kernel and r["dtype"] == dtype]
-            assert mine, (kernel, dtype)
-            assert all(r["status"] == "pass" for r in mine), [r for r in mine if r["status"] != "pass"]
-    for activation in fastmlp.ACTIVATIONS:
-        assert any(r["kernel"] == "forward" and r["activation"] == activation for r in rows), activation
-    shapes = {r["case"] for r in rows if r["kernel"] == "dW+db"}
-    assert {s.name for s in correctness.TINY_SHAPES} <= shapes
-    fit = [r for r in rows if r["kernel"] == "fit"]
-    assert len(fit) == 1 and fit[0]["status"] == "pass"
-    # Only the modules this version lacks may be skipped, and they say why.
-    for r in rows:
-        assert r["status"] in ("pass", "skipped"), r
-        if r["status"] == "skipped":
-            assert r["kernel"] in correctness.MODULES and r["reason"]
-    assert data["poison_outputs"] and "POISON_OUTPUTS" in data["poison_outputs"][0]
+    assert len(rows) == data["tests_total"] == data["tests_done"] > 50
+    assert all(r["status"] == "pass" for r in rows), [r for r in rows if r["status"] != "pass"]
+    assert {r["group"] for r in rows} == set(correctness.GROUPS)
+    expected_tests = {e.test for e in correctness.SELECTION if e.runs_in(tiny=True)}
+    assert {r["nodeid"].split("[")[0] for r in rows} == expected_tests
+    # the kernels' variant of every parametrised test, never the torch path
+    assert all("torch-cpu" not in r["id"] for r in rows)
+    for group in ("linear_act", "gated"):
+        seen = {re.sub(r"-?[0-9.]+$", "", r["activation"]) for r in rows if r["group"] == group}
+        assert set(fastmlp.ACTIVATIONS) <= seen, (group, seen)
+    assert {"fp32", "tf32"} <= {r["dtype"] for r in rows if r["group"] == "linear_act"}
+    measured = [r for r in rows if r["comparisons"]]
+    assert len(measured) > len(rows) // 2
+    assert all(r["err"] < r["tol"] and r["what"] for r in measured)
+    assert all(r["poisoned"] is True for r in rows)
     figures = next(s for s in summary["stages"] if s["name"] == "correctness")["figures"]
-    assert figures["fail"] == 0 and figures["pass"] == sum(r["status"] == "pass" for r in rows)
+    assert figures["fail"] == 0 and figures["pass"] == len(rows) and figures["worst_ratio"] < 1
 
 
 @pytest.mark.slow
@@ -159,7 +160,8 @@ def test_dry_run_tests_and_bench_results(dry_run):
     ids = [r["id"] for r in results["records"]]
     assert ids and not set(ids) & set(plan.headline_ids(tiny=True))
     text = (out / "summary.md").read_text()
-    assert "## Stages" in text and "| forward |" in text and "## Headline figures" in text
+    assert "## Stages" in text and "| linear_act |" in text and "| gated |" in text
+    assert "## Headline figures" in text
 
 
 @pytest.mark.slow
@@ -172,10 +174,11 @@ def test_a_stage_stopped_by_its_timeout_is_recorded_and_later_stages_run(tmp_pat
     assert stopped["status"] == "timeout", stopped
     assert any(s.startswith("SIGINT") for s in stopped["signals"]), stopped
     assert stopped["seconds"] < 4 + 3 + 5
-    if (out / "correctness.json").exists():  # SIGINT after the stage's first write: partial
+    if (out / "correctness.json").exists():  # SIGINT after the plugin's first write: partial
         with open(out / "correctness.json") as f:
             partial = json.load(f)
-        assert partial["complete"] is False and partial["unfinished"]
+        assert partial["complete"] is False
+        assert partial["tests_total"] is None or partial["unfinished"], partial
     assert by_name["tests"]["status"] == "ok", by_name["tests"]
     for name in ("headline", "sanitizer", "bench"):
         assert by_name[name]["status"] == "skipped" and "not selected" in by_name[name]["reason"]
@@ -277,24 +280,110 @@ def test_rest_patterns_select_the_catalogue_minus_the_headline(device_type, tiny
         assert {c.id for c in plan.headline_cases(tiny)} == head <= catalogue
 
 
-def test_every_activation_has_a_float64_reference():
+@pytest.mark.parametrize("tiny", [False, True], ids=["cuda-selection", "dry-run-selection"])
+def test_correctness_selection_matches_the_tests(tmp_path, tiny):
+    """Every entry of the stage's selection names a collected test (a renamed test or parameter
+    fails here, not silently on the GPU), the kernels' variant only, the gated op included."""
+    path = tmp_path / "correctness.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTMLP_BACKEND",)}
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "pytest", *correctness.test_files(), "-p", correctness.PLUGIN,
+           f"--silicon-out={path}", "--collect-only", "-q", "-p", "no:xdist"]
+    if tiny:
+        cmd.append("--silicon-tiny")
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    data = json.loads(path.read_text())
+    assert data["unmatched"] == [] and data["collection_errors"] == []
+    selected = data["unfinished"]            # collected, none run
+    assert len(selected) == data["tests_total"] and data["rows"] == []
+    entries = [e for e in correctness.SELECTION if e.runs_in(tiny)]
+    assert {n.split("[")[0] for n in selected} == {e.test for e in entries}
+    variant = "triton-interpreter" if tiny else "triton-cuda"
+    for nodeid in selected:
+        assert not re.search(r"\[(torch-cpu|torch-cuda|triton-cuda|triton-interpreter)", nodeid) \
+            or f"[{variant}" in nodeid, nodeid
+    gated = [n for n in selected if n.startswith("tests/test_gated.py::")]
+    assert gated and any("every_activation" in n for n in gated)
+    if not tiny:   # the GPU runs every parametrisation its entries allow
+        assert len(selected) > 300
+        assert any("int64_addressing" in n for n in selected)
+        assert len([n for n in selected if "test_gated.py::test_every_activation" in n]) == 27
+
+
+def test_correctness_labels_and_order():
+    """Report labels come from the parameters; tests sharing kernels run next to each other."""
+    assert correctness.labels({"dtype": "torch.bfloat16", "activation": "gelu", "id": "x"}) == \
+        ("bf16", "gelu")
+    assert correctness.labels({"mode": "tf32", "id": ""}) == ("tf32", "-")
+    assert correctness.labels({"case": "('w32', 1, torch.float16)", "id": ""}) == ("fp16", "-")
+    assert correctness.labels({"id": ""}) == ("fp32", "-")
+    entry = correctness.BY_TEST["tests/test_gated.py::test_odd_shapes"]
+    keys = [correctness.order_key(entry, {"activation": a, "id": ""}, i)
+            for i, a in enumerate(["silu", "relu", "silu"])]
+    assert sorted(range(3), key=keys.__getitem__) == [1, 0, 2]
+    assert correctness.worst([["a", "fp32", 1e-6, 1e-5], ["b", "bf16", 1e-2, 2e-2]])[0] == "b"
+    assert correctness.worst([]) is None
+    # the impl variant decides: torch's path on CUDA is never the stage's
+    nodeid = "tests/test_gated.py::test_odd_shapes[x]"
+    params = {"impl": "('torch', 'cuda')", "activation": "silu", "id": "x"}
+    assert correctness.select(nodeid, params, tiny=False) is None
+    assert correctness.select(nodeid, dict(params, impl="('triton', 'cuda')"), tiny=False) is entry
+
+
+def test_assert_close_records_every_comparison():
+    """fastmlp.testing.record_comparisons sees passing and failing comparisons (before they
+    raise), each block its own, nothing outside a block."""
     import torch
 
-    z = torch.linspace(-3, 3, 13, dtype=torch.float64)
-    for name in fastmlp.ACTIVATIONS:
-        out = correctness.reference_activation(name)(z)
-        assert out.shape == z.shape and out.dtype == torch.float64, name
-    with pytest.raises(LookupError, match="no float64 reference"):
-        correctness.reference_activation("no-such-activation")
+    from fastmlp import testing
+
+    a = torch.ones(4)
+    testing.assert_close(a, a, torch.float32, "outside")
+    with testing.record_comparisons() as outer:
+        testing.assert_close(a, a + 1e-7, torch.float32, "close")
+        with testing.record_comparisons() as inner:
+            with pytest.raises(AssertionError, match="relative error"):
+                testing.assert_close(a * 1.5, a, torch.bfloat16, "far", tol=0.1)
+    assert [c.what for c in outer] == ["close", "far"] and [c.what for c in inner] == ["far"]
+    close, far = outer
+    assert close.passed and close.dtype == "float32" and close.tolerance == 1e-5
+    assert not far.passed and far.dtype == "bfloat16" and far.tolerance == 0.1
+    assert far.error == pytest.approx(0.5)
+    assert testing._RECORDERS == []
 
 
-def test_correctness_rows_fail_on_nan_and_on_error():
-    status, worst, reason = correctness.judge({"y": {"err": 1e-7, "nan": 3}}, 1e-5)
-    assert status == "fail" and "NaN" in reason
-    status, worst, reason = correctness.judge({"y": {"err": 2e-5, "nan": 0}}, 1e-5)
-    assert status == "fail" and "2.000e-05" in reason
-    assert correctness.judge({"y": {"err": 5e-6, "nan": 0}}, 1e-5)[0] == "pass"
-    assert correctness.judge({"dw": {"err": None, "nan": 0, "missing": True}}, 1e-5)[0] == "fail"
+def _stage_with_rows(tmp_path, monkeypatch, rows, returncode=0, **extra):
+    """The correctness stage's entry when its pytest run leaves these rows (no pytest run)."""
+    from bench.gpucheck import stages
+
+    check = _check(tmp_path)
+
+    def fake_command(name, cmd, timeout, env_extra, grace=None):
+        assert cmd[1:3] == ["-m", "pytest"] and correctness.PLUGIN in cmd
+        assert env_extra == {"FASTMLP_AUTOTUNE": "0", "FASTMLP_POISON_OUTPUTS": "1"}
+        out = next(c for c in cmd if c.startswith("--silicon-out=")).split("=", 1)[1]
+        data = dict({"complete": True, "tests_total": len(rows), "tests_done": len(rows),
+                     "unmatched": [], "collection_errors": [], "rows": rows}, **extra)
+        with open(out, "w") as f:
+            json.dump(data, f)
+        return proc.Outcome(returncode=returncode, timed_out=False, seconds=1.0)
+
+    monkeypatch.setattr(check, "command", fake_command)
+    return stages.correctness(check, 100)
+
+
+def test_correctness_stage_status_from_its_rows(tmp_path, monkeypatch):
+    row = {"group": "gated", "dtype": "bf16", "status": "pass", "err": 1e-3, "tol": 2e-2}
+    entry = _stage_with_rows(tmp_path, monkeypatch, [row, dict(row, dtype="fp32")])
+    assert entry["status"] == "ok" and entry["figures"]["worst_ratio"] == pytest.approx(0.05)
+    assert entry["figures"]["matrix"]["gated"]["bf16"]["pass"] == 1
+    entry = _stage_with_rows(tmp_path, monkeypatch, [row, dict(row, status="fail")], returncode=1)
+    assert entry["status"] == "fail" and "1 test(s) failed" in entry["reason"]
+    entry = _stage_with_rows(tmp_path, monkeypatch, [row], unmatched=["tests/t.py::gone"])
+    assert entry["status"] == "fail" and "tests/t.py::gone" in entry["reason"]
+    entry = _stage_with_rows(tmp_path, monkeypatch, [dict(row, status="skipped")])
+    assert entry["status"] == "fail" and "no test passed" in entry["reason"]
 
 
 def test_compile_timer_stops_an_overrunning_compile(monkeypatch):
@@ -342,7 +431,8 @@ def _check(tmp_path, *argv):
     from bench import gpu_check
 
     check = gpu_check.Check(gpu_check.parse_args([str(tmp_path / "out"), *argv]))
-    check.info = {"has_cuda": True, "cpu_count": 16, "pytest_xdist": True, "pytest_timeout": True}
+    check.info = {"has_cuda": True, "cpu_count": 16, "pytest": True, "pytest_xdist": True,
+                  "pytest_timeout": True}
     check.tiny, check.device = False, "cuda"
     return check
 

@@ -109,6 +109,9 @@ def probe() -> dict:
         "python_executable": sys.executable,
         "nvidia_smi": _nvidia_smi(),
         "compute_sanitizer": find_compute_sanitizer(),
+        # stages 1 and 3 run the project's tests; the GPU machine's image has pytest, xdist and
+        # pytest-timeout (nothing can be installed there)
+        "pytest": importlib.util.find_spec("pytest") is not None,
         "pytest_xdist": importlib.util.find_spec("xdist") is not None,
         "pytest_timeout": importlib.util.find_spec("pytest_timeout") is not None,
         "cpu_count": os.cpu_count(),

@@ -20,7 +20,7 @@ STAGES = ("correctness", "headline", "tests", "sanitizer", "bench")
 # Seconds per stage by default; "bench" gets whatever is left of the total budget.
 DEFAULT_BUDGET_S = 480.0
 DEFAULT_STAGE_BUDGET_S: Dict[str, float] = {
-    "correctness": 100.0,   # compile-bound: parallel workers; ~1-2 min
+    "correctness": 100.0,   # compile-bound: the tests' subset in pytest-xdist workers
     "headline": 150.0,      # autotune + timing of 6 rows, torch.compile within its own budget
     "tests": 120.0,         # pytest -n 8 on a cold Triton cache
     "sanitizer": 60.0,      # memcheck then racecheck, small shapes
@@ -37,7 +37,7 @@ FILES = {
     "summary_json": "summary.json",      # machine-readable: every stage, key figures, versions
     "summary_md": "summary.md",          # the same for people, with the tables
     "log": "check.log",                  # every stage's stdout and stderr, in order
-    "correctness": "correctness.json",   # stage 1: every row with its error and tolerance
+    "correctness": "correctness.json",   # stage 1: every test with its closest error/tolerance
     "headline": "headline.json",         # stage 2: bench records + autotuner picks
     "junit": "junit.xml",                # stage 3
     "bench": "bench-results.tar.gz",     # stage 5: python -m bench's results folder

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 
 from bench import report as bench_report
 
-DTYPE_ORDER = ("fp32", "tf32", "fp16", "bf16")
+DTYPE_ORDER = ("fp32", "tf32", "fp16", "bf16", "fp64")
 # Baseline names in the one-line figures (others as they are: "fastmlp-mlp" and "fastmlp-parts"
 # must not both read "fastmlp")
 SHORT_NAMES = {"cublaslt-epilogue": "cublaslt", "stock-dataloader": "stock",
@@ -18,16 +18,24 @@ SHORT_NAMES = {"cublaslt-epilogue": "cublaslt", "stock-dataloader": "stock",
 
 
 def correctness_matrix(rows: List[dict]) -> Dict[str, Dict[str, dict]]:
-    """kernel -> dtype -> {pass, fail, skipped, worst (err / tol of passing and failing rows)}."""
+    """group -> dtype -> {pass, fail, skipped, worst (err / tol of the closest comparison)}."""
     matrix: Dict[str, Dict[str, dict]] = {}
     for r in rows:
-        cell = matrix.setdefault(r["kernel"], {}).setdefault(
+        cell = matrix.setdefault(r["group"], {}).setdefault(
             r["dtype"], {"pass": 0, "fail": 0, "skipped": 0, "worst": None})
         cell[r["status"]] = cell.get(r["status"], 0) + 1
         if r.get("err") is not None and r.get("tol"):
             ratio = r["err"] / r["tol"]
             cell["worst"] = ratio if cell["worst"] is None else max(cell["worst"], ratio)
     return matrix
+
+
+# The matrix's rows: the two ops' kernels first, then what is built on them.
+GROUP_ORDER = ("linear_act", "gated", "modules", "SGD", "fit")
+
+
+def _group_rank(group: str) -> tuple:
+    return (GROUP_ORDER.index(group) if group in GROUP_ORDER else len(GROUP_ORDER), group)
 
 
 def _cell(c: Optional[dict]) -> str:
@@ -46,34 +54,38 @@ def correctness_markdown(result: dict) -> List[str]:
     rows = result.get("rows", [])
     matrix = correctness_matrix(rows)
     dtypes = [d for d in DTYPE_ORDER if any(d in v for v in matrix.values())]
-    lines = [f"Entry point `{result.get('entry_point')}`, backend {result.get('backend')}, "
-             f"activations {', '.join(result.get('activations') or [])}; reference: "
-             f"{result.get('measure')}; tolerances {result.get('tolerances')}; "
-             f"NaN-poisoned outputs: {result.get('poison_outputs')}; "
-             f"FASTMLP_AUTOTUNE={result.get('autotune')}; "
-             f"{result.get('jobs_done')}/{result.get('jobs_total')} jobs"
+    lines = [f"The tests of bench/gpucheck/correctness.py's selection ({result.get('mode')}); "
+             f"{result.get('measure')}; FASTMLP_AUTOTUNE={result.get('autotune')}, "
+             f"FASTMLP_POISON_OUTPUTS={result.get('poison_env')}; "
+             f"{result.get('tests_done')}/{result.get('tests_total')} tests"
              + ("" if result.get("complete") else " (**incomplete**)") + ".", ""]
     if matrix:
-        lines += ["| kernel | " + " | ".join(dtypes) + " |",
+        lines += ["| group | " + " | ".join(dtypes) + " |",
                   "|---|" + "---|" * len(dtypes)]
-        for kernel, by_dtype in matrix.items():
-            lines.append(f"| {kernel} | " + " | ".join(_cell(by_dtype.get(d)) for d in dtypes) + " |")
+        for group, by_dtype in sorted(matrix.items(), key=lambda gv: _group_rank(gv[0])):
+            lines.append(f"| {group} | " + " | ".join(_cell(by_dtype.get(d)) for d in dtypes) + " |")
         lines.append("")
-        lines.append("Cells: passed / run, worst error as a multiple of the tolerance (< 1 passes).")
+        lines.append("Cells: tests passed / run, worst comparison as a multiple of its tolerance "
+                     "(< 1 passes).")
+    for name, what in (("unmatched", "Selection entries that matched no test"),
+                       ("collection_errors", "Collection errors")):
+        if result.get(name):
+            lines += ["", f"**{what}**: " + "; ".join(f"`{u}`" for u in result[name])]
     failed = [r for r in rows if r["status"] == "fail"]
     skipped = [r for r in rows if r["status"] == "skipped"]
     if failed:
-        lines += ["", f"**{len(failed)} failing row(s)**:", "",
-                  "| kernel | dtype | activation | case | shape | error | tol | why |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", f"**{len(failed)} failing test(s)**:", "",
+                  "| group | dtype | test | error | tol | why |",
+                  "|---|---|---|---|---|---|"]
         for r in failed[:60]:
             err = f"{r['err']:.3g}" if r.get("err") is not None else "—"
-            lines.append(f"| {r['kernel']} | {r['dtype']} | {r.get('activation')} | {r.get('case')} "
-                         f"| {r.get('shape')} | {err} | {r.get('tol')} | {r.get('reason')} |")
+            tol = f"{r['tol']:.3g}" if r.get("tol") is not None else "—"
+            why = str(r.get("reason") or "").replace("|", "\\|")
+            lines.append(f"| {r['group']} | {r['dtype']} | `{r['nodeid']}` | {err} | {tol} | {why} |")
         if len(failed) > 60:
-            lines.append(f"| … {len(failed) - 60} more in correctness.json | | | | | | | |")
+            lines.append(f"| … {len(failed) - 60} more in correctness.json | | | | | |")
     for r in skipped:
-        lines.append(f"- skipped: {r['kernel']} {r['dtype']}: {r.get('reason')}")
+        lines.append(f"- skipped: `{r['nodeid']}`: {r.get('reason')}")
     unfinished = result.get("unfinished") or []
     if unfinished and not result.get("complete"):
         lines += ["", f"Not finished when the stage ended ({len(unfinished)}): "
@@ -149,7 +161,7 @@ def _figures_text(stage: dict) -> str:
         if f.get("worst_ratio") is not None:
             text += f"; worst {f['worst_ratio']:.2g}×tol"
         if not f.get("complete"):
-            text += f"; {f.get('jobs_done')}/{f.get('jobs_total')} jobs"
+            text += f"; {f.get('tests_done')}/{f.get('tests_total')} tests"
         return text
     if name == "headline" and f:
         parts = []

@@ -15,6 +15,7 @@ import tarfile
 import xml.etree.ElementTree as ET
 from typing import List, Optional
 
+from bench.gpucheck import correctness as subset   # stage 1's tests (`correctness` runs them)
 from bench.gpucheck import plan, report
 
 FILES = plan.FILES
@@ -38,33 +39,68 @@ def _entry(outcome, status: str, files: List[str], figures: dict, reason: Option
 
 
 # ---------------------------------------------------------------------------------------------
+def correctness_command(check, path: str) -> List[str]:
+    """pytest on the correctness subset (bench/gpucheck/correctness.py), with the plugin that
+    selects it and writes `path`; in parallel where pytest-xdist is installed."""
+    info = check.info
+    cmd = [check.python, "-m", "pytest", *subset.test_files(), "-p", subset.PLUGIN,
+           f"--silicon-out={path}", "-q", "-rfEs", "--tb=short"]
+    if check.tiny:
+        cmd.append("--silicon-tiny")
+    workers = check.args.workers
+    if workers is None:
+        cpus = info.get("cpu_count") or 1
+        # compile-bound: every CPU but two (the controller, the GPU driver's threads), at most
+        # 14 (each worker holds a CUDA context); the dry run's two shared cores: 2
+        workers = 2 if check.tiny else (min(14, cpus - 2) if cpus >= 4 else cpus)
+    if info.get("pytest_xdist") and workers > 1:
+        cmd += ["-n", str(workers)]
+    if info.get("pytest_timeout") and check.args.test_timeout:
+        cmd += [f"--timeout={check.args.test_timeout:g}"]
+    return cmd
+
+
 def correctness(check, timeout: float) -> dict:
     path = os.path.join(check.out, FILES["correctness"])
-    cmd = [check.python, "-m", "bench.gpucheck.correctness", "--out", path,
-           "--device", check.device]
-    if check.tiny:
-        cmd.append("--tiny")
-    if check.args.workers:
-        cmd += ["--workers", str(check.args.workers)]
-    # One tile config per kernel (the default): correctness of the default path on every shape,
-    # without spending the stage on timing candidates (the headline stage autotunes).
-    outcome = check.command("correctness", cmd, timeout, {"FASTMLP_AUTOTUNE": "0"})
+    if os.path.exists(path):
+        os.remove(path)
+    if not check.info.get("pytest"):
+        return {"status": "fail", "reason": "pytest is not installed: the correctness stage runs "
+                "the project's tests", "files": [], "figures": {}}
+    cmd = correctness_command(check, path)
+    # One tile config per kernel (the default): correctness of the default path, without spending
+    # the stage on timing candidates (the headline stage autotunes). Every kernel output NaN-
+    # poisoned before launch, also in the tests whose fixtures do not ask for it (fit, modules).
+    outcome = check.command("correctness", cmd, timeout,
+                            {"FASTMLP_AUTOTUNE": "0", "FASTMLP_POISON_OUTPUTS": "1"})
     data = report.load_json(path)
     figures = {}
     if data is not None:
         rows = data.get("rows", [])
         ratios = [r["err"] / r["tol"] for r in rows if r.get("err") is not None and r.get("tol")]
         figures = {s: sum(r["status"] == s for r in rows) for s in ("pass", "fail", "skipped")}
-        figures.update(complete=bool(data.get("complete")), jobs_done=data.get("jobs_done"),
-                       jobs_total=data.get("jobs_total"),
+        figures.update(complete=bool(data.get("complete")), tests_done=data.get("tests_done"),
+                       tests_total=data.get("tests_total"),
                        worst_ratio=max(ratios) if ratios else None,
-                       matrix=report.correctness_matrix(rows))
-    ok = outcome.returncode == 0 and figures.get("complete") and not figures.get("fail")
+                       unmatched=data.get("unmatched"), matrix=report.correctness_matrix(rows))
+    ok = (outcome.returncode == 0 and figures.get("complete") and not figures.get("fail")
+          and figures.get("pass") and not figures.get("unmatched"))
     reason = None
-    if not ok and not outcome.timed_out and figures.get("fail"):
-        reason = f"{figures['fail']} row(s) failed (summary.md, correctness.json)"
-    elif data is None and not outcome.timed_out:
+    if outcome.timed_out:
+        pass
+    elif data is None:
         reason = f"no {FILES['correctness']} written (exit status {outcome.returncode}; check.log)"
+    elif figures.get("fail"):
+        reason = f"{figures['fail']} test(s) failed (summary.md, correctness.json)"
+    elif data.get("collection_errors"):
+        reason = f"collection errors: {'; '.join(data['collection_errors'])[:300]}"
+    elif figures.get("unmatched"):
+        reason = (f"selection entries that match no test (renamed?): "
+                  f"{', '.join(figures['unmatched'])}")
+    elif not figures.get("pass"):
+        reason = "no test passed (every selected test skipped?)"
+    elif not ok:
+        reason = f"pytest exit status {outcome.returncode}"
     return _entry(outcome, _status(outcome, bool(ok)), [FILES["correctness"]], figures, reason,
                   check.out)
 
@@ -175,6 +211,8 @@ def tests(check, timeout: float) -> dict:
     junit = os.path.join(check.out, FILES["junit"])
     if os.path.exists(junit):
         os.remove(junit)
+    if not check.info.get("pytest"):
+        return {"status": "fail", "reason": "pytest is not installed", "files": [], "figures": {}}
     cmd = pytest_command(check, junit)
     outcome = check.command("tests", cmd, timeout, {"FASTMLP_AUTOTUNE": "0"})
     figures = junit_figures(junit)
