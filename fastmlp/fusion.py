@@ -236,6 +236,8 @@ class _Fuser:
         self.blocks: Dict[int, _Block] = {}
         self.entries: Dict[int, FuseEntry] = {}
         self.entries_final = set()          # Linears a gated product took: no other decision
+        self.deciding: Optional[_Block] = None   # the block whose forward is being decided
+        self.decided_by: Dict[int, _Block] = {}  # Linear -> that block (the report's grouping)
         self._wrappers: Dict[int, Optional[Tuple[str, float]]] = {}
         # torch's global module hooks see every Linear's output and every activation's input:
         # a fused pair would show them other values, so with one registered nothing is fused.
@@ -329,6 +331,7 @@ class _Fuser:
             if _is_linear_like(m) and id(m) not in self.entries:
                 self.entries[id(m)] = self._default_entry(m)
         for block in self.blocks.values():
+            self.deciding = block
             if block.kind == "sequential":
                 self._decide_sequential(block)
             elif block.kind == "traced":
@@ -398,6 +401,8 @@ class _Fuser:
             return f"has {', '.join(found)} registered (fusing would change what they see)"
         if not isinstance(lin._parameters.get("weight"), nn.Parameter):
             return "its weight is not an nn.Parameter"
+        if "forward" in vars(lin):
+            return "its forward is replaced on the instance (as accelerate's hooks do)"
         return None
 
     def _act_blocker(self, act_module, act_label) -> Optional[str]:
@@ -409,6 +414,8 @@ class _Fuser:
     def _record(self, lin, act, outcome, note="", final=False):
         desc = activations.describe(*act) if act is not None else None
         self.entries[id(lin)] = FuseEntry(self.name_of(lin), desc, outcome, note)
+        if self.deciding is not None:
+            self.decided_by[id(lin)] = self.deciding
         if final:
             self.entries_final.add(id(lin))
 
@@ -635,6 +642,12 @@ class _Fuser:
                   and not isinstance(m, fx.GraphModule)]
         if custom:
             return f"{type(m).__name__} defines its own {', '.join(custom)}"
+        hazard = tracing.rewrite_hazard(m)
+        if hazard is not None:
+            return hazard
+        if any(getattr(g, "sets_modes", False) for _, g in block.variants if g is not None):
+            return ("its forward sets grad or autocast mode (torch.no_grad, torch.autocast, ...), "
+                    "which torch.fx does not record")
         defaults, varargs = tracing.forward_optionals(m)
         if defaults or varargs:
             names = [f"{k}={v!r}" for k, v in defaults.items()] + [f"*{v}" for v in varargs]
@@ -650,7 +663,7 @@ class _Fuser:
         members: Dict[int, List[str]] = {}
         for _, m in self.order:
             if id(m) in self.entries:
-                caller = self._caller_block(m)
+                caller = self.decided_by.get(id(m)) or self._caller_block(m)
                 if caller is not None:
                     members.setdefault(id(caller.module), []).append(self.name_of(m))
         found = []

@@ -11,18 +11,23 @@ the forward left as it is. The source must say it unambiguously:
   (the same name: the Linear's output is dead after);
 * ``self.lin`` and ``self.act`` each appear exactly once in the forward;
 * ``self`` is used only as ``self.<attribute>`` (never passed on, never reflected on:
-  ``getattr(self, ...)``, ``self._modules``), and no attribute of it is assigned.
+  ``getattr(self, ...)``, ``self._modules``), no attribute of it is assigned, and no attribute
+  read is a method or a stored function (code outside the forward's text, which could call the
+  activation again), nor is ``super()`` (the same) or ``locals``/``vars``/``eval``/``exec``;
+* the forward has no decorator, or only ones that leave its dataflow as it is
+  (fastmlp.tracing.unknown_decorator).
 
 Anything else, or a forward whose source is not available, gives no pairs.
 """
 
 import ast
 import inspect
-import textwrap
 from collections import Counter
 from typing import List, Tuple
 
 from torch import nn
+
+from fastmlp import tracing
 
 __all__ = ["source_pairs"]
 
@@ -36,19 +41,17 @@ def source_pairs(module: nn.Module) -> List[Tuple[str, str]]:
     docstring); the caller checks what the attributes hold."""
     if "forward" in module.__dict__:
         return []                           # an instance-level forward: not the class's source
-    function = inspect.unwrap(type(module).forward)
-    try:
-        source = textwrap.dedent(inspect.getsource(function))
-        tree = ast.parse(source)
-    except (OSError, TypeError, SyntaxError, IndentationError):
+    if tracing.unknown_decorator(type(module).forward) is not None:
         return []
-    definition = tree.body[0] if tree.body else None
-    if not isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)) or \
-            not definition.args.args:
+    definition = tracing.forward_definition(inspect.unwrap(type(module).forward))
+    if definition is None:
         return []
     self_name = definition.args.args[0].arg
     attributes = _self_attributes(definition, self_name)
-    if attributes is None:
+    if attributes is None or any(_is_code(module, attr) for attr in attributes):
+        return []
+    if any(isinstance(node, ast.Name) and node.id in _FORBIDDEN_NAMES
+           for node in ast.walk(definition)):
         return []
     pairs = []
     for node in ast.walk(definition):
@@ -58,6 +61,18 @@ def source_pairs(module: nn.Module) -> List[Tuple[str, str]]:
         for body in _bodies(node):
             pairs.extend(_consecutive_pairs(body, self_name))
     return [(lin, act) for lin, act in pairs if attributes[lin] == 1 and attributes[act] == 1]
+
+
+_FORBIDDEN_NAMES = frozenset({"super", "locals", "vars", "eval", "exec", "globals"})
+
+
+def _is_code(module: nn.Module, attr: str) -> bool:
+    """Whether self.<attr> is a method or a stored function (not a child module, parameter,
+    buffer or plain value): code the source does not show."""
+    if attr in module._modules or attr in module._parameters or attr in module._buffers:
+        return False
+    value = getattr(module, attr, None)
+    return callable(value)
 
 
 def _self_attributes(definition, self_name):

@@ -19,6 +19,7 @@ from torch import nn
 
 import fastmlp
 from fastmlp.activation_modules import module_activation
+from reference import assert_close
 from test_fuse import _assert_same_function, _fuse_checked, _outcomes, _x
 
 D, H = 12, 20
@@ -349,10 +350,53 @@ def _renaming(forward):
     return wrapper
 
 
-class DecoratedLayer(OptLikeLayer):
+class UnknownDecoratorLayer(OptLikeLayer):
     @_renaming
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class DecoratedLayer(OptLikeLayer):
+    """torch's autocast decorator (a known one: it sets a mode, the dataflow is the forward's)."""
+
+    @torch.autocast("cpu", enabled=False)
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class KwargsToAMethod(OptLikeLayer):
+    """Passes its **kwargs to a method, which the trace would run with none."""
+
+    def forward(self, hidden_states, **kwargs):
+        return self.tail(self.fc1(hidden_states), **kwargs)
+
+    def tail(self, h, skip_act=False):
+        return self.fc2(h if skip_act else self.activation_fn(h))
+
+
+class SourceCallsAMethod(OptLikeLayer):
+    """Untraceable; its own text says fc1 -> act, but a method it calls uses act again."""
+
+    def forward(self, x):
+        h = self.activation_fn(self.fc1(x))
+        if x.sum() > 0:
+            return self.twice(h)
+        return self.fc2(h)
+
+    def twice(self, h):
+        return self.fc2(self.activation_fn(h))
+
+
+class NoGradGated(LlamaLikeMLP):
+    @torch.no_grad()
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class WithAutocast(LlamaLikeMLP):
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 def test_forward_passing_kwargs_on_is_traced_and_fused():
@@ -370,6 +414,67 @@ def test_decorated_forward_is_traced_and_fused():
     assert _outcomes(report)["0.fc1"] == "fused"
 
 
+def test_unknown_decorator_is_not_traced():
+    _, report = fastmlp.fuse(nn.Sequential(UnknownDecoratorLayer()), return_report=True)
+    assert not report.fused
+    assert {b.name: b for b in report.blocks}["0"].summary.startswith(
+        "could not be traced: its forward is wrapped by a decorator (wrapper) whose effect fuse "
+        "cannot know")
+
+
+def test_kwargs_passed_to_a_method_are_not_traced_as_empty():
+    torch.manual_seed(16)
+    model = nn.Sequential(KwargsToAMethod())
+    stock = copy.deepcopy(model)
+    fused, report = fastmlp.fuse(model, return_report=True)
+    assert not report.fused
+    x = _x(3, D)
+    assert torch.equal(fused[0](x, skip_act=True), stock[0](x, skip_act=True))
+
+
+def test_source_pair_refused_when_a_method_could_use_the_activation():
+    torch.manual_seed(17)
+    fused, report = _fuse_checked(nn.Sequential(SourceCallsAMethod()), _x(3, D).abs())
+    assert not report.fused
+
+
+@pytest.mark.parametrize("block", [NoGradGated, WithAutocast])
+def test_forward_setting_grad_or_autocast_mode_is_not_rewritten(block):
+    torch.manual_seed(18)
+    model = nn.Sequential(block())
+    stock = copy.deepcopy(model)
+    fused, report = fastmlp.fuse(model, return_report=True)
+    gate = {e.name: e for e in report}["0.gate_proj"]
+    assert "forward would have to be rewritten, and it cannot be" in gate.note
+    x = _x(3, D)
+    out, want = fused(x), stock(x)
+    assert out.dtype == want.dtype and out.requires_grad == want.requires_grad
+    assert_close(out, want, want.dtype, "output")
+
+
+def test_instance_level_forward_is_respected():
+    torch.manual_seed(19)
+    model = nn.Sequential(LlamaLikeMLP())
+    original = model[0].forward
+    model[0].forward = lambda x: original(x) * 2          # as accelerate's hooks replace it
+    seq = nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.Linear(H, D))
+    seq[1].forward = lambda h: F.gelu(h) + 1.0
+    x = _x(3, D)
+    stock = [copy.deepcopy(model)(x), seq(x)]
+    fused_model, report = fastmlp.fuse(model, return_report=True)
+    fused_seq, report_seq = fastmlp.fuse(seq, return_report=True)
+    assert not report.fused and not report_seq.fused
+    assert torch.equal(fused_model(x), stock[0]) and torch.equal(fused_seq(x), stock[1])
+
+
+def test_formula_probe_does_not_call_the_module():
+    calls = []
+    act = TanhGeluFormula()
+    act.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape))
+    assert module_activation(act) == ("gelu_tanh", 0.0)
+    assert calls == []
+
+
 def test_forward_reading_kwargs_is_not_traced_and_its_source_fixes_the_pair():
     torch.manual_seed(12)
     fused, report = _fuse_checked(nn.Sequential(ReadsKwargs()), _x(3, D))
@@ -377,8 +482,8 @@ def test_forward_reading_kwargs_is_not_traced_and_its_source_fixes_the_pair():
     assert entries["0.fc1"].outcome == "fused"
     assert entries["0.fc1"].note == "read from 0's source: its forward could not be traced"
     assert {b.name: b for b in report.blocks}["0"].summary.startswith(
-        "could not be traced: its forward reads its **kwargs (not only passes them on), so one "
-        "trace would not stand for every call")
+        "could not be traced: its forward reads its **kwargs, or passes them to something other "
+        "than its child modules, so one trace would not stand for every call")
     assert fused[0](_x(3, D), skip_mlp=True).shape == (3, D)
 
 
