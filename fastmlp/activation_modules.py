@@ -165,7 +165,7 @@ def _formula_activation(m: nn.Module, graph: fx.Graph) -> Optional[Tuple[str, fl
         return None
     # Run the traced formula, not the module: no hooks of it (or torch's global ones) see the
     # probe, and nothing of the module runs a third time.
-    formula = fx.GraphModule(nn.Module(), graph)
+    formula = fx.GraphModule(nn.Module(), graph).forward   # .forward: no module call hooks
     x = _probe()
     try:
         with torch.no_grad():
