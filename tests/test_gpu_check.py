@@ -361,7 +361,8 @@ def _stage_with_rows(tmp_path, monkeypatch, rows, returncode=0, **extra):
 
     def fake_command(name, cmd, timeout, env_extra, grace=None):
         assert cmd[1:3] == ["-m", "pytest"] and correctness.PLUGIN in cmd
-        assert env_extra == {"FASTMLP_AUTOTUNE": "0", "FASTMLP_POISON_OUTPUTS": "1"}
+        assert env_extra == {"FASTMLP_AUTOTUNE": "0", "FASTMLP_POISON_OUTPUTS": "1",
+                             "OMP_NUM_THREADS": "1"}
         out = next(c for c in cmd if c.startswith("--silicon-out=")).split("=", 1)[1]
         data = dict({"complete": True, "tests_total": len(rows), "tests_done": len(rows),
                      "unmatched": [], "collection_errors": [], "rows": rows}, **extra)
@@ -384,6 +385,9 @@ def test_correctness_stage_status_from_its_rows(tmp_path, monkeypatch):
     assert entry["status"] == "fail" and "tests/t.py::gone" in entry["reason"]
     entry = _stage_with_rows(tmp_path, monkeypatch, [dict(row, status="skipped")])
     assert entry["status"] == "fail" and "no test passed" in entry["reason"]
+    # a GPU run (as _check builds it) may not skip a selected test: its worker did not see CUDA
+    entry = _stage_with_rows(tmp_path, monkeypatch, [row, dict(row, status="skipped")])
+    assert entry["status"] == "fail" and "skipped on the GPU" in entry["reason"]
 
 
 def test_compile_timer_stops_an_overrunning_compile(monkeypatch):

@@ -20,9 +20,10 @@ STAGES = ("correctness", "headline", "tests", "sanitizer", "bench")
 # Seconds per stage by default; "bench" gets whatever is left of the total budget.
 DEFAULT_BUDGET_S = 480.0
 DEFAULT_STAGE_BUDGET_S: Dict[str, float] = {
-    "correctness": 100.0,   # compile-bound: the tests' subset in pytest-xdist workers
+    "correctness": 150.0,   # compile-bound: the tests' subset in pytest-xdist workers (~584
+                            # kernel specialisations counted by the review: 60-170 s)
     "headline": 150.0,      # autotune + timing of 6 rows, torch.compile within its own budget
-    "tests": 120.0,         # pytest -n 8 on a cold Triton cache
+    "tests": 70.0,          # pytest -n 8 on the cache stage 1 warmed (cannot finish: a sample)
     "sanitizer": 60.0,      # memcheck then racecheck, small shapes
 }
 DEFAULT_COMPILE_BUDGET_S = 45.0   # torch.compile baselines inside the headline stage

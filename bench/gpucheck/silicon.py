@@ -176,8 +176,12 @@ class Recorder:
         row = self.rows.get(report.nodeid)
         if row is None:
             base, _, params_id = report.nodeid.partition("[")
+            # A report without labels (an xdist worker that crashed on this test): the group
+            # from the selection, so the failure shows in its group's cell.
+            entry = correctness.BY_TEST.get(base)
             row = self.rows[report.nodeid] = {
-                "group": "?", "test": base.split("::")[-1], "id": params_id[:-1],
+                "group": entry.group if entry is not None else "?",
+                "test": base.split("::")[-1], "id": params_id[:-1],
                 "nodeid": report.nodeid, "dtype": None, "activation": None, "status": None,
                 "seconds": 0.0, "comparisons": 0, "err": None, "tol": None, "what": None,
                 "poisoned": None, "reason": None}
@@ -201,6 +205,7 @@ class Recorder:
         if time.monotonic() - self.last_write >= WRITE_EVERY_S:
             self.write(complete=False)
 
+    @pytest.hookimpl(tryfirst=True)   # before xdist's teardown, which can wait 10 s on SIGINT
     def pytest_sessionfinish(self, session, exitstatus):
         interrupted = int(exitstatus) == int(pytest.ExitCode.INTERRUPTED)
         self.write(complete=not interrupted and not self.collection_errors,
