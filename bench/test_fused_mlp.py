@@ -1,5 +1,5 @@
-"""pytest-benchmark: FusedMLP (fastmlp/mlp.py) on narrow MLPs (in -> 4 hidden layers -> out,
-tiny-cuda-nn's class): its dispatcher's pick, the fully fused path and the per-layer path against
+"""pytest-benchmark: FusedMLP (fastmlp/nn.py; its op fastmlp/mlp_ops.py) on narrow MLPs (in -> 4
+hidden layers -> out, tiny-cuda-nn's class): its dispatcher's pick, the fully fused path and the per-layer path against
 the baselines, forward and forward+backward.
 
 Cases and variants come from bench.cases / bench.runner (parametrised in bench/conftest.py);

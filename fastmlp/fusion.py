@@ -37,7 +37,7 @@ needs a forward rewritten when that module cannot be rewritten faithfully (hooks
 arguments, custom state_dict methods, mode-dependent forward, shared).
 
 The work is three passes over the model (analyse, decide, apply). ``mlp=True`` first turns
-whole Sequential stacks into ``fastmlp.FusedMLP`` (fastmlp.mlp.fuse_sequentials), except stacks
+whole Sequential stacks into ``fastmlp.FusedMLP`` (fastmlp.mlp_stacks), except stacks
 with hooks a FusedMLP would not run (the report's ``stacks`` name them); a FusedMLP is fused
 already and is never traced (its Linears are reported "already fused").
 """
@@ -264,7 +264,7 @@ class _Fuser:
 
     # ---------------------------------------------------------------- pass 1: analyse
     def analyse(self):
-        from fastmlp.mlp import FusedMLP   # fastmlp.mlp imports this module's neighbours
+        from fastmlp.nn import FusedMLP
 
         for name, m in self.order:
             if isinstance(m, FusedMLP):
@@ -887,9 +887,9 @@ def fuse(model: nn.Module, *, mlp: bool = False, verbose: bool = False,
     mlp: first replace every nn.Sequential of Linear / supported activation / Identity modules
         with two or more Linears by a ``fastmlp.FusedMLP`` over the same modules (the whole stack
         in one autograd node; parameters shared, state_dict keys unchanged; see
-        ``fastmlp.mlp.fuse_sequentials``), then fuse what is left pair by pair. A stack with a
+        ``fastmlp.mlp_stacks.fuse_sequentials``), then fuse what is left pair by pair. A stack with a
         hook the FusedMLP would not run (on a layer, on the Sequential, or torch's global module
-        hooks: ``fastmlp.mlp.hook_blocker``) is left to the pair pass, which leaves a hooked
+        hooks: ``fastmlp.nn.hook_blocker``) is left to the pair pass, which leaves a hooked
         Linear or activation as it is; the report's ``stacks`` say which stacks became FusedMLPs
         and why the others did not. Opt-in.
     verbose: print the report (every Linear, what it was fused with, or why it was left).
@@ -899,7 +899,7 @@ def fuse(model: nn.Module, *, mlp: bool = False, verbose: bool = False,
         raise TypeError(f"fastmlp.fuse: expected an nn.Module, got {type(model).__name__}")
     stacks = []
     if mlp:
-        from fastmlp.mlp import stacks_to_fused_mlps
+        from fastmlp.mlp_stacks import stacks_to_fused_mlps
 
         model, outcomes = stacks_to_fused_mlps(model)
         stacks = [StackEntry(name, outcome) for name, outcome in outcomes]

@@ -1,18 +1,20 @@
-"""Drop-in modules: FusedLinear(activation=...), FusedLinearReLU, and GatedMLP.
+"""Drop-in modules: FusedLinear(activation=...), FusedLinearReLU, GatedMLP and FusedMLP.
 
 FusedLinear and FusedLinearReLU subclass nn.Linear: same constructor, same parameters (weight
 [out, in], bias [out]), same initialisation, so state_dicts load both ways between them and
 nn.Linear. GatedMLP holds a whole gated MLP block (SwiGLU, GeGLU, ...) as plain nn.Linear
 children named as the model family it stands in for names them, so its state_dict is that
-block's. The activation is not state: it is a constructor argument, shown by repr.
+block's. FusedMLP holds a whole narrow MLP (Linear, act, ..., Linear) with the children and
+state_dict of the equivalent nn.Sequential; its operator is fastmlp/mlp_ops.py. The activation
+is not state: it is a constructor argument, shown by repr.
 """
 
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from fastmlp import activations, hooks, ops
+from fastmlp import activations, backend, hooks, mlp_ops, ops, sharding
 from fastmlp.gated import fused_gated, split_packed
 from fastmlp.ops import fused_linear
 
@@ -351,3 +353,265 @@ def _check_no_lost_hooks(where, block, kept):
             raise ValueError(f"{where}: {name} has {', '.join(registered)} registered, which the "
                              f"GatedMLP standing in for it would not have; remove the hook or "
                              f"register it on the GatedMLP")
+
+
+# --------------------------------------------------------------------------------------------
+# FusedMLP: a whole narrow MLP
+# --------------------------------------------------------------------------------------------
+def _linear_of(module: nn.Module):
+    """(the module as a linear layer, its built-in activation or None) or None if it is not one."""
+    if type(module) is nn.Linear:
+        return module, None
+    if type(module) in (FusedLinear, FusedLinearReLU):
+        name = getattr(module, "activation", "none")
+        alpha = float(getattr(module, "activation_alpha", 0.0))
+        return module, (None if name == "none" else (name, alpha))
+    return None
+
+
+def _parse(named: Sequence[Tuple[str, nn.Module]], where: str):
+    """(linears, acts) from Sequential-ordered children: acts[i] = (name, alpha) after linears[i].
+
+    nn.Identity is skipped anywhere; every other module must be a linear layer (nn.Linear or
+    fastmlp's FusedLinear) or one supported activation directly after one.
+    """
+    linears: List[nn.Linear] = []
+    acts: List[Tuple[str, float]] = []
+    for name, module in named:
+        if type(module) is nn.Identity:
+            continue
+        found = _linear_of(module)
+        if found is not None:
+            linears.append(found[0])
+            acts.append(found[1] or ("none", 0.0))
+            continue
+        act = activations.from_module(module)
+        if act is None:
+            raise TypeError(
+                f"fastmlp {where}: module {name!r} ({module!r}) is not nn.Linear, a supported "
+                f"activation module ({', '.join(activations.ACTIVATIONS)}) or nn.Identity")
+        if not linears:
+            raise ValueError(f"fastmlp {where}: module {name!r} ({module!r}) is an activation "
+                             f"before the first Linear")
+        if acts[-1][0] != "none":
+            raise ValueError(f"fastmlp {where}: module {name!r} ({module!r}) is a second "
+                             f"activation after the same Linear")
+        acts[-1] = act
+    if not linears:
+        raise ValueError(f"fastmlp {where}: no Linear layer")
+    for prev, nxt in zip(linears, linears[1:]):
+        if nxt.in_features != prev.out_features:
+            raise ValueError(f"fastmlp {where}: a Linear with out_features={prev.out_features} is "
+                             f"followed by one with in_features={nxt.in_features}")
+    return linears, acts
+
+
+def _module_for(name: str, alpha: float) -> nn.Module:
+    """The torch module of an activation (name, alpha); nn.Identity for "none"."""
+    return activations.get(name).new_module(alpha)
+
+
+class FusedMLP(nn.Module):
+    """Linear → act → … → Linear [→ output_activation], computed as one fused op where it can be.
+
+    What it computes is exactly the equivalent ``nn.Sequential``; how, is decided per call
+    (``path()``): "torch", the children's own forward in order, as nn.Sequential runs them (the
+    torch backend: CPU by default, float64 on GPUs); on the Triton backend "fused", the whole
+    stack as one autograd node (fastmlp::mlp and fastmlp::mlp_backward), or "per-layer", the
+    fused Linear+activation kernels layer by layer. fastmlp/mlp_ops.py says when each is taken.
+
+    Args:
+        in_features, out_features: the first layer's input and the last layer's output width.
+        hidden_features: the hidden widths, one per hidden layer. An empty list is one Linear
+            (then ``output_activation``): ``nn.Sequential(nn.Linear)`` is an MLP too, and
+            ``from_sequential`` takes it, so the constructor does. Every width may be 0, as
+            nn.Linear's may (in_features=0: the output is the bias, through the activations).
+        activation: after every hidden layer: None, a name from fastmlp.ACTIVATIONS, or a torch
+            activation module (nn.ReLU(), nn.LeakyReLU(0.2), nn.GELU(), ...).
+        bias: whether every Linear has a bias.
+        output_activation: after the last Linear, the same choices (default None).
+        device, dtype: of the parameters, as nn.Linear.
+
+    Children and state_dict keys are those of ``nn.Sequential(nn.Linear, act, nn.Linear, act,
+    ..., nn.Linear[, output act])``: "0.weight", "0.bias", "2.weight", ...; an activation slot
+    is nn.Identity when activation is None. Parameters are initialised as nn.Linear does, in
+    the same order, so a FusedMLP and that Sequential built after the same torch.manual_seed
+    hold the same values. ``FusedMLP.from_sequential(seq)`` keeps seq's own child names and
+    modules (parameters shared, not copied).
+
+    Hooks registered on the children do not run on the Triton paths (the children are parameter
+    holders there); hooks on the FusedMLP itself do. So ``from_sequential`` refuses a Sequential
+    whose children (or itself, or torch's global module hooks) have hooks that would be skipped
+    (``hook_blocker``), and ``fastmlp.fuse(mlp=True)`` leaves such a stack to the per-pair pass,
+    which leaves a hooked Linear as it is. While a child has a call hook registered after the
+    FusedMLP was built, or a global module hook is registered, the stack takes the torch path
+    (its children called in turn), so the hooks run as in nn.Sequential (``_hooked``).
+    """
+
+    def __init__(self, in_features: int, hidden_features: Sequence[int], out_features: int, *,
+                 activation="relu", bias: bool = True, output_activation=None, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        if isinstance(hidden_features, int) or not all(
+                isinstance(h, int) and not isinstance(h, bool) for h in hidden_features):
+            raise TypeError(f"fastmlp FusedMLP: hidden_features must be a list of ints, got "
+                            f"{hidden_features!r}")
+        widths = [in_features, *hidden_features, out_features]
+        got = (f"in_features={in_features!r}, hidden_features={list(hidden_features)!r}, "
+               f"out_features={out_features!r}")
+        if any(not isinstance(n, int) or isinstance(n, bool) for n in widths):
+            raise TypeError(f"fastmlp FusedMLP: widths must be ints, got {got}")
+        if any(n < 0 for n in widths):
+            raise ValueError(f"fastmlp FusedMLP: widths must be non-negative (0 is allowed, as "
+                             f"in nn.Linear), got {got}")
+        act, out_act = activations.resolve(activation), activations.resolve(output_activation)
+        modules: List[nn.Module] = []
+        for i, (k, n) in enumerate(zip(widths[:-1], widths[1:])):
+            modules.append(nn.Linear(k, n, bias=bias, device=device, dtype=dtype))
+            if i < len(widths) - 2:
+                modules.append(_module_for(*act))
+        if output_activation is not None:
+            modules.append(_module_for(*out_act))
+        for i, module in enumerate(modules):
+            self.add_module(str(i), module)
+
+    @classmethod
+    def from_sequential(cls, seq: nn.Sequential) -> "FusedMLP":
+        """A FusedMLP over seq's own modules (parameters shared, not copied), same child names.
+
+        seq may hold nn.Linear (or fastmlp.FusedLinear), supported activation modules (at most
+        one after each Linear) and nn.Identity; anything else is an error naming the module. A
+        single Linear (with or without an activation after it) is an MLP without hidden layers,
+        as ``FusedMLP(in, [], out)`` is.
+
+        Hooks: a hook the FusedMLP would not run (on a child, on seq itself, or one of torch's
+        global module hooks; see ``hook_blocker``) is a ValueError naming the module and the
+        hook, rather than a model that silently computes something else on the Triton backend.
+        """
+        if not isinstance(seq, nn.Sequential):
+            raise TypeError(f"fastmlp FusedMLP.from_sequential: expected an nn.Sequential, got "
+                            f"{type(seq).__name__}")
+        _parse(list(seq.named_children()), "FusedMLP.from_sequential")
+        why = hook_blocker(seq)
+        if why is not None:
+            raise ValueError(
+                f"fastmlp FusedMLP.from_sequential: {why}: a FusedMLP stands in for the "
+                f"nn.Sequential and computes the stack without calling its children on the Triton "
+                f"backend. Remove the hook, register it on the FusedMLP, or keep the nn.Sequential")
+        mlp = cls.__new__(cls)
+        nn.Module.__init__(mlp)
+        for name, module in seq.named_children():
+            mlp.add_module(name, module)
+        mlp.train(seq.training)
+        return mlp
+
+    # Sequential-style access to the children
+    def __getitem__(self, index: int) -> nn.Module:
+        return list(self._modules.values())[index]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def _plan(self):
+        """(linears, acts) of the current children, parsed again whenever a child or an
+        activation's parameter changed (the key, a few attribute reads per child, costs far
+        less than the parse: bench/NOTES.md)."""
+        key = tuple((m, getattr(m, "negative_slope", None), getattr(m, "approximate", None),
+                     getattr(m, "activation", None), getattr(m, "activation_alpha", None))
+                    for m in self._modules.values())
+        cached = self.__dict__.get("_plan_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        plan = _parse(list(self._modules.items()), "FusedMLP")
+        if not torch.compiler.is_compiling():
+            self.__dict__["_plan_cache"] = (key, plan)
+        return plan
+
+    @property
+    def in_features(self) -> int:
+        return self._plan()[0][0].in_features
+
+    @property
+    def out_features(self) -> int:
+        return self._plan()[0][-1].out_features
+
+    @property
+    def hidden_features(self) -> List[int]:
+        return [lin.out_features for lin in self._plan()[0][:-1]]
+
+    def reset_parameters(self) -> None:
+        for lin in self._plan()[0]:
+            lin.reset_parameters()
+
+    def _prepare(self, input):
+        """(x, weights, biases, acts): the current layers and the input, checked and cast as
+        the stack computes them (mlp_ops.prepare_inputs)."""
+        linears, acts = self._plan()
+        weights = [lin.weight for lin in linears]
+        biases = [lin.bias for lin in linears]
+        x, weights, biases = mlp_ops.prepare_inputs(input, weights, biases)
+        return x, weights, biases, acts
+
+    def _hooked(self) -> bool:
+        """Whether a child has a call hook (registered after this FusedMLP was built: fuse and
+        from_sequential leave hooked stacks alone) or torch has a global module hook. The
+        kernels would skip them, so the stack then runs module by module, as nn.Sequential
+        runs it, and every hook sees what it would see there."""
+        if hooks.global_module_hook() is not None:
+            return True
+        return any(getattr(m, name) for m in self._modules.values() for name in hooks.CALL_HOOKS)
+
+    def path(self, input: torch.Tensor) -> str:
+        """Which computation forward(input) takes now: "torch", "fused" or "per-layer"."""
+        x, weights, biases, acts = self._prepare(input)
+        if self._hooked():
+            return "torch"
+        return mlp_ops.choose_path(ops._rows(x), weights, biases, acts)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.Tensor) and (
+                not backend.uses_triton(input.device, input.dtype)
+                or ops.composite_only() or self._hooked()):
+            # The torch path is the children's own forward, as nn.Sequential runs it; the input
+            # checks run only to turn a failure into fastmlp's error message. torch.func
+            # transforms and forward-mode AD take it on the Triton backend too (see
+            # fastmlp.ops.composite_only), and so does a stack with a hook (_hooked).
+            sharding.check_fused_mlp_module(self)   # as on the Triton path (_prepare)
+            try:
+                h = input
+                for module in self._modules.values():
+                    h = module(h)
+                return h
+            except (RuntimeError, TypeError, ValueError):
+                self._prepare(input)
+                raise
+        x, weights, biases, acts = self._prepare(input)
+        return mlp_ops.fused_mlp(x, weights, biases, acts)
+
+
+def hook_blocker(seq: nn.Sequential) -> Optional[str]:
+    """Why a FusedMLP over seq's modules would not run a hook that seq runs, or None.
+
+    A FusedMLP on the Triton backend computes the stack without calling its children, so their
+    call hooks (forward pre-, forward, backward pre-, backward hooks: fastmlp.hooks.CALL_HOOKS)
+    would not run, nor would torch's global module hooks see the layers; and it stands in for
+    seq, so every hook on seq itself (its state_dict hooks too) would be gone. The children's
+    state_dict hooks still run: the FusedMLP holds the very same child modules. The check is
+    fastmlp.hooks', the one fastmlp.fuse applies to each Linear it fuses.
+    """
+    found = hooks.global_module_hook()
+    if found is not None:
+        return f"{found} is registered (a FusedMLP would hide the stack's layers from it)"
+    found = hooks.registered(seq, hooks.ALL_HOOKS)
+    if found:
+        return (f"the nn.Sequential itself has {', '.join(found)} registered (a FusedMLP would "
+                f"stand in for it without them)")
+    for name, module in seq.named_children():
+        found = hooks.registered(module, hooks.CALL_HOOKS)
+        if found:
+            return (f"module {name!r} ({type(module).__name__}) has {', '.join(found)} registered "
+                    f"(a FusedMLP would not run them)")
+    return None

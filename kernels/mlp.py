@@ -1,6 +1,6 @@
 """The whole narrow MLP on the Triton backend: the launchers of kernels/mlp_kernels.py.
 
-``mlp_forward`` and ``mlp_backward`` (what fastmlp/mlp.py's custom ops call) pack the middle
+``mlp_forward`` and ``mlp_backward`` (what fastmlp/mlp_ops.py's custom ops call) pack the middle
 layers' weights into one zero-padded [L-1, H, H] buffer, launch the fused forward or dX-chain
 kernel over row tiles, and the grouped weight-gradient kernel for the first, the middle and the
 last layers. ``fused_candidates`` says whether a stack can run fully fused on a device, from the
@@ -269,7 +269,7 @@ def mlp_backward(grad: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor
 
 def __getattr__(name: str):
     """SELECT_ACTIVATIONS: the rows whose derivative is a select (a view of the table's
-    derivative column, kernels/activations.py, which replaced the constant)."""
+    derivative column, kernels/activations.py)."""
     if name == "SELECT_ACTIVATIONS":
         from fastmlp.kernels import activations
 

@@ -1,4 +1,10 @@
-"""The per-layer kernels' autotuner: a small cached timing of the candidate configs per shape bucket.
+"""fastmlp's autotuner: every choice made by timing, made once per key and kept in one cache.
+
+Two kinds of choice go through it: the tile config of each kernel launch (``pick_config``: the
+per-layer, gated and fused-MLP launchers, TORCH_GEMM among the candidates where torch's own
+GEMM may win) and FusedMLP's path, fused or per-layer (fastmlp/mlp_ops.py). Both are
+``pick``: the same cache (``_best``), the same rules for when timing may happen, the same
+determinism (a key, once timed, keeps its pick for the process).
 
 Why not ``triton.autotune``: the config list depends on the GPU generation and on the dtype class
 (fp16/bf16 tensor cores, TF32, exact fp32 FMA) and the activation (kernels/configs.py holds the
@@ -7,15 +13,15 @@ training loop with a fixed shape tunes once, tuning must never run while a CUDA 
 captured, and the tests need one fixed config. A dict lookup per call keeps the host path lean.
 
 Environment:
-  FASTMLP_AUTOTUNE=0   use the first (default) config of each list, never benchmark (tests, CI).
-The default config is also what every rank takes in a multi-rank DTensor program
-(ranks_must_agree).
+  FASTMLP_AUTOTUNE=0   use the first (default) candidate of each choice, never benchmark (tests,
+                       CI).
+The default is also what every rank takes in a multi-rank DTensor program (ranks_must_agree).
 Under Triton's interpreter only the interpreter config is used (timing numpy is meaningless).
 """
 
 import os
 import sys
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -71,18 +77,22 @@ def bucket(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
-_best: Dict[tuple, TileConfig] = {}
+# key -> the pick: a TileConfig / FusedConfig, TORCH_GEMM, or a FusedMLP path ("fused" or
+# "per-layer", keys starting "mlp-path")
+_best: Dict[tuple, object] = {}
 
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def pick_config(key: tuple, candidates: List, device: torch.device, run: Callable) -> object:
-    """The fastest of `candidates` for `key`, timed once with `run(config)` and cached.
+def pick(key: tuple, candidates: Sequence, device: torch.device,
+         measure: Callable[[], object]) -> object:
+    """The choice for `key` among `candidates` (default first): measure()'s answer, asked for
+    once and cached, or the default where no timing may happen.
 
-    FASTMLP_AUTOTUNE=0 means the default config, always: it is checked before the cache, so a
-    pick cached while autotuning was on (an earlier test, an earlier phase of a run) never leaks
+    FASTMLP_AUTOTUNE=0 means the default, always: it is checked before the cache, so a pick
+    cached while autotuning was on (an earlier test, an earlier phase of a run) never leaks
     into a run that asked for the default. With one candidate, off CUDA, or during CUDA-graph
     capture (where timing is impossible) a cached pick is used if there is one, else the
     default, and nothing new is cached. So it is under torch.distributed with DTensors
@@ -95,24 +105,39 @@ def pick_config(key: tuple, candidates: List, device: torch.device, run: Callabl
         return best
     if len(candidates) == 1 or device.type != "cuda" or _capturing(device) or ranks_must_agree():
         return candidates[0]
-    import triton.testing
-
-    timings = []
-    for config in candidates:
-        try:
-            ms = triton.testing.do_bench(lambda: run(config), warmup=5, rep=20)
-        except Exception as error:  # a config the compiler rejects (e.g. out of shared memory)
-            if "OutOfResources" not in type(error).__name__ and "out of resource" not in str(error):
-                raise
-            continue
-        timings.append((ms, config))
-    if not timings:
-        raise RuntimeError(f"fastmlp: no kernel config fits this GPU for {key}")
-    best = min(timings, key=lambda t: t[0])[1]
+    best = measure()
     _best[key] = best
     return best
 
 
+def fastest(candidates: Sequence, run: Callable[[object], object], what: object) -> object:
+    """The candidate whose `run(candidate)` triton.testing.do_bench times fastest on the current
+    device (the earlier one on a tie). A candidate the compiler rejects for its resources (out
+    of shared memory, ...) is skipped; a RuntimeError naming `what` if every one is; any other
+    failure propagates."""
+    import triton.testing
+
+    timings = []
+    for candidate in candidates:
+        try:
+            ms = triton.testing.do_bench(lambda: run(candidate), warmup=5, rep=20)
+        except Exception as error:  # a config the compiler rejects (e.g. out of shared memory)
+            if "OutOfResources" not in type(error).__name__ and "out of resource" not in str(error):
+                raise
+            continue
+        timings.append((ms, candidate))
+    if not timings:
+        raise RuntimeError(f"fastmlp: no kernel config fits this GPU for {what}")
+    return min(timings, key=lambda t: t[0])[1]
+
+
+def pick_config(key: tuple, candidates: List, device: torch.device, run: Callable) -> object:
+    """The fastest of `candidates` for `key`, timed once with `run(config)` and cached: pick's
+    rules say when it times (the launchers call this under their tensors' device)."""
+    return pick(key, candidates, device, lambda: fastest(candidates, run, key))
+
+
 def chosen_configs() -> Dict[tuple, object]:
-    """What the autotuner has picked so far, key -> config (or TORCH_GEMM): for reports."""
+    """What the autotuner has picked so far, key -> config (or TORCH_GEMM), and FusedMLP's path
+    picks (keys starting "mlp-path") -> "fused" or "per-layer": for reports."""
     return dict(_best)

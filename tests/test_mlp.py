@@ -20,6 +20,7 @@ from torch import nn
 
 import fastmlp
 from fastmlp import mlp as fmlp
+from fastmlp import mlp_ops
 from fastmlp.mlp import FusedMLP
 from reference import assert_close, case_seed, rel_err, runs_kernels, tolerance
 
@@ -266,7 +267,7 @@ def test_weight_gradient_row_splits(triton_backend, split):
     got = kmlp.mlp_backward(g, x, ws, saved, z_out, "gelu", 0.0, "silu", 0.0, True, (True,) * 7,
                             False, split=split)
     with fastmlp.use_backend("torch"):
-        want = fmlp._backward_impl(g, x, ws, saved, z_out, "gelu", 0.0, "silu", 0.0, [True] * 7)
+        want = mlp_ops._backward_impl(g, x, ws, saved, z_out, "gelu", 0.0, "silu", 0.0, [True] * 7)
     for a, b, what in zip(got, want, ("dx", "dw_in", "db_in", "dw_mid", "db_mid", "dw_out", "db_out")):
         assert_close(a, b, FP32, what)
 
@@ -627,12 +628,15 @@ def test_ddp_single_process(triton_backend, tmp_path):
 
 
 @pytest.mark.gpu
-def test_dispatcher_times_both_paths_and_keeps_one():
+def test_dispatcher_times_both_paths_and_keeps_one(monkeypatch):
+    from fastmlp.kernels import tuning
+
     model = _build(32, [64] * 4, 16, "relu", None, True, FP16, "cuda")
     x = torch.randn(4096, 32, device="cuda", dtype=FP16, requires_grad=True)
-    fmlp._choices.clear()
+    monkeypatch.setattr(tuning, "_best", {})   # the autotuner's cache, path choices included
     path = model.path(x)  # times both on the first call of this bucket
-    assert path in ("fused", "per-layer") and len(fmlp._choices) == 1
+    picks = {k: v for k, v in tuning.chosen_configs().items() if k[0] == "mlp-path"}
+    assert path in ("fused", "per-layer") and list(picks.values()) == [path]
     assert model.path(x) == path
     check_against_reference(model, (4096,), FP16, "cuda", what="dispatched")
 
@@ -672,12 +676,13 @@ def test_every_width_runs_the_kernel_its_padded_width_compiles(triton_backend, m
 
 
 def test_storage_width_is_the_kernels_padded_width():
-    """The op's fake kernels and torch path size saved / dW_mid with fastmlp.mlp's own copy of
-    the padded width (importing the kernels costs ~1 s): it must be the kernels' formula."""
+    """The op's fake kernels and torch path size saved / dW_mid at the width the launchers
+    allocate: the kernels' padded width of the widest hidden layer."""
     from fastmlp.kernels import mlp as kmlp
 
     for width in (1, 15, 16, 17, 31, 64, 65, 100, 127, 128, 129, 256):
-        assert fmlp._storage_width([width]) == kmlp.padded_width(width)
+        assert mlp_ops._storage_width([width]) == kmlp.padded_width(width)
+        assert mlp_ops._storage_width([3, width, 16]) == kmlp.padded_width(max(width, 16))
 
 
 @pytest.mark.parametrize("row_stride,expected", [(16, "int32"), (2**22, "int64")])
@@ -743,7 +748,7 @@ def test_dispatcher_times_what_the_call_runs(triton_backend, monkeypatch):
 
     def timed(x):
         xx, ws, bs, acts = model._prepare(x)
-        return fmlp._time_candidates(fmlp._rows(xx), ws, bs, acts, fmlp._spec(acts))
+        return mlp_ops._time_candidates(mlp_ops._rows(xx), ws, bs, acts, mlp_ops._spec(acts))
 
     with torch.no_grad():
         assert timed(torch.randn(7, 5)) in ("fused", "per-layer")
@@ -754,6 +759,28 @@ def test_dispatcher_times_what_the_call_runs(triton_backend, monkeypatch):
     assert timed(torch.randn(7, 5)) in ("fused", "per-layer")
     assert len(backwards) == 2  # one backward per path
     assert devices == [[torch.device("cpu")]] * 6
+
+
+def test_path_choice_is_an_entry_of_the_autotuners_cache(triton_backend, monkeypatch):
+    """The path choice is kept where the tile picks are (fastmlp.kernels.tuning, one cache, one
+    set of rules): a pick cached for the bucket is what the stack runs, and FASTMLP_AUTOTUNE=0
+    means the default ("fused") whatever was cached, as it does for tile configs. (Timing itself
+    needs CUDA: test_dispatcher_times_what_the_call_runs fakes it.)"""
+    from fastmlp.kernels import tuning
+
+    model = _build(5, [16, 16], 3, "tanh", None, True, FP32, "cpu")
+    x = torch.randn(7, 5)
+    xx, ws, bs, acts = model._prepare(x)
+    key = mlp_ops._path_key(mlp_ops._rows(xx), ws, bs, acts)
+    assert key[0] == "mlp-path"
+    monkeypatch.setenv("FASTMLP_AUTOTUNE", "1")
+    monkeypatch.setattr(tuning, "_best", {})
+    assert model.path(x) == "fused" and tuning.chosen_configs() == {}   # no timing off CUDA
+    tuning._best[key] = "per-layer"
+    assert model.path(x) == "per-layer"
+    check_against_reference(model, (7,), FP32, "cpu", x_grad=False, what="cached per-layer")
+    monkeypatch.setenv("FASTMLP_AUTOTUNE", "0")
+    assert model.path(x) == "fused"
 
 
 @pytest.mark.parametrize("capability,shared,fused", [
