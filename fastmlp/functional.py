@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from fastmlp import activations
-from fastmlp.gated import fused_gated, split_packed
+from fastmlp.gated import check_packed, fused_gated, fused_gated_packed
 from fastmlp.ops import fused_linear
 
 
@@ -59,7 +59,10 @@ def gated_linear_packed(input: torch.Tensor, weight: torch.Tensor,
     (and bias [2 * hidden]), as models that apply one Linear and then ``.chunk(2, -1)`` hold them.
 
     gate_first: the first half of the rows is the gate (True) or the up projection (False). The
-    halves are passed as views, never copied; the weight's gradient comes back packed.
+    halves are read in place, never copied; the weight's gradient (and the bias's) comes back as
+    one [2 * hidden, in_features] tensor, written by the backward's one grouped launch (no
+    per-half buffers added up). Forward and backward are fastmlp/gated.py's packed op.
     """
-    gate_weight, up_weight, gate_bias, up_bias = split_packed(weight, bias, gate_first)
-    return gated_linear(input, gate_weight, up_weight, gate_bias, up_bias, activation)
+    check_packed(weight, bias, gate_first)
+    name, alpha = activations.resolve(activation)
+    return fused_gated_packed(input, weight, bias, name, alpha, gate_first)

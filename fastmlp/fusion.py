@@ -47,6 +47,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -742,23 +743,45 @@ def _own_children(m):
             yield attr, child
 
 
-def _replace_gated(m, graph, match) -> None:
-    """The gated product's nodes replaced by one call of fastmlp.functional's gated op, reading
-    the Linears' weights and biases where they are (get_attr): the Linears stay in the module
-    (state_dict unchanged), no longer called."""
-    def param(path, name):
-        return graph.get_attr(f"{path}.{name}") if getattr(m.get_submodule(path), name) \
-            is not None else None
+def _calls_hooked(*modules) -> bool:
+    """Whether a call of these modules would run hooks (their own, or torch's global ones)."""
+    return hooks.global_module_hook() is not None or any(
+        hooks.registered(mod, hooks.CALL_HOOKS) for mod in modules)
 
+
+def gated_projections(x, gate: nn.Module, up: nn.Module, activation) -> torch.Tensor:
+    """What a rewritten forward computes for ``act(gate(x)) * up(x)``: the gated op on the two
+    Linears' weights, or, while a call of them would run hooks (registered after fuse, such as
+    tensor parallelism's input and output hooks, or torch's global module hooks), the Linears
+    called as the original forward called them, so the hooks run and see what they saw."""
+    if _calls_hooked(gate, up):
+        name, alpha = activation
+        return activations.get(name).torch_forward(gate(x), alpha) * up(x)
+    return functional.gated_linear(x, gate.weight, up.weight, gate.bias, up.bias, activation)
+
+
+def packed_gated_projection(x, proj: nn.Module, activation, gate_first: bool) -> torch.Tensor:
+    """The same for ``g, u = proj(x).chunk(2, -1)`` and ``act(g) * u`` (gate_first) or
+    ``act(u) * g``."""
+    if _calls_hooked(proj):
+        name, alpha = activation
+        first, second = proj(x).chunk(2, -1)
+        gate, up = (first, second) if gate_first else (second, first)
+        return activations.get(name).torch_forward(gate, alpha) * up
+    return functional.gated_linear_packed(x, proj.weight, proj.bias, activation, gate_first)
+
+
+def _replace_gated(m, graph, match) -> None:
+    """The gated product's nodes replaced by one call of gated_projections (or its packed form)
+    on the Linear modules themselves (get_attr): the Linears stay in the module (state_dict
+    unchanged), and are called only while they have hooks."""
     with graph.inserting_before(match.product):
         if match.packed:
-            call = graph.call_function(functional.gated_linear_packed, (
-                match.input, param(match.gate, "weight"), param(match.gate, "bias"), match.act,
-                match.gate_first))
+            call = graph.call_function(packed_gated_projection, (
+                match.input, graph.get_attr(match.gate), match.act, match.gate_first))
         else:
-            call = graph.call_function(functional.gated_linear, (
-                match.input, param(match.gate, "weight"), param(match.up, "weight"),
-                param(match.gate, "bias"), param(match.up, "bias"), match.act))
+            call = graph.call_function(gated_projections, (
+                match.input, graph.get_attr(match.gate), graph.get_attr(match.up), match.act))
     # fx's generated code then wraps the call (torch.fx.wrap): a re-trace of the rewritten
     # forward (unpickling re-traces it) keeps it one node instead of tracing into the op.
     call.meta["is_wrapped"] = True

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fastmlp import activations, backend, hooks, mlp_ops, ops, sharding
-from fastmlp.gated import fused_gated, split_packed
+from fastmlp.gated import fused_gated, fused_gated_packed, split_packed
 from fastmlp.ops import fused_linear
 
 
@@ -186,7 +186,13 @@ class GatedMLP(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self._hooked():
             return self._forward_by_children(input)
-        h = fused_gated(input, *self._gate_and_up(), self.activation, self.activation_alpha)
+        spec = self._spec
+        if spec.up is None:    # packed: the packed op, whose weight gradient is one [2H, K] tensor
+            gate = self._modules[spec.gate]
+            h = fused_gated_packed(input, gate.weight, gate.bias, self.activation,
+                                   self.activation_alpha, True)
+        else:
+            h = fused_gated(input, *self._gate_and_up(), self.activation, self.activation_alpha)
         if self.dropout.p:
             # (p = 0 is the identity: the child is not called then, one pass over h saved)
             h = self.dropout(h)

@@ -40,6 +40,32 @@ rows, W [N, K] (nn.Linear layout), b [N], Y = act(X Wᵀ + b) [M, N], G = dL/dY.
   computed on by one op over the whole stack: that is an error naming the plan that works
   (:func:`check_fused_mlp`, also called by FusedMLP itself, whose layers' TP hooks would not run).
 
+``fastmlp::gated_linear`` (X, W_g, W_u, b_g, b_u) -> Y = act(X W_gᵀ + b_g) ⊙ (X W_uᵀ + b_u),
+  and G, U (where saved): R -> R; S(0), R, R -> S(0) (rows); R, S(0), S(0) -> S(1)
+  (column-parallel: gate and up weights and biases sharded alike on the hidden dimension, so
+  each rank holds matching gate and up rows, and act(G) ⊙ U, elementwise in hidden, is computed
+  locally). No strategy ever gives a Partial: with in_features sharded (W S(1), X S(1)) G and U
+  would be partial sums, and neither act(G) nor a product of two partial sums is the partial
+  sum of anything, so DTensor gathers instead (correct, not parallel), with a warning.
+``fastmlp::gated_linear_grad_input`` (dY, G, U, W_g, W_u) -> dX = dG W_g + dU W_u:
+  R -> R; S(0), S(0), S(0), R -> S(0); S(1), S(1), S(1), S(0) -> P (hidden sharded: the sum
+  over it is split); R, R, R, S(1) -> S(1) (in_features sharded: dX's columns are local);
+  P, R, R, R -> P (dG and dU are linear in dY for fixed G and U).
+``fastmlp::gated_linear_grad_weight`` (dY, G, U, X) -> dW_g, db_g, dW_u, db_u:
+  R -> R; S(0) everywhere -> P (the sum over rows is split); S(1), S(1), S(1), R -> S(0)
+  (column-parallel); R, R, R, S(1) -> dW S(1), db R; P, R, R, R -> P.
+``fastmlp::gated_linear_packed`` (X, W [2H, K], b [2H]) and
+``fastmlp::gated_linear_packed_grad_weight`` (dY, G, U, X) -> dW [2H, K], db [2H]: the same
+  rules without the column-parallel one. A packed weight sharded Shard(0) on its 2H rows puts
+  the gate rows on some ranks and the up rows on others (two ranks: all gates on rank 0, all
+  ups on rank 1), so no rank can form act(G) ⊙ U for its rows; and hidden-sharded G, U would
+  give each rank [its gate rows; its up rows] of dW, which is no Shard(0) of the packed
+  gradient. fastmlp.functional.gated_linear_packed therefore replicates such a weight (and
+  bias) before the op, with a warning saying so and what shards instead
+  (:func:`replicate_packed`: DTensor's differentiable redistribute, so the gradient comes back
+  Shard(0) like the Parameter); called directly, the op offers no sharded-weight strategy and
+  DTensor gathers. dX of the packed form is ``gated_linear_grad_input`` on the weight's halves.
+
 The ops take 2-D rows: FusedLinearFunction reshapes an [..., K] input with ``_rows`` before the
 op and the output back after it, and DTensor's view rules carry the placements through: a
 sharded leading (batch) dimension stays Shard(0) of the rows, a sharded last dimension stays
@@ -74,7 +100,8 @@ import warnings
 
 import torch
 
-__all__ = ["install", "check_mixed", "check_fused_mlp", "check_fused_mlp_module", "TP_PLAN_HINT"]
+__all__ = ["install", "check_mixed", "check_fused_mlp", "check_fused_mlp_module", "TP_PLAN_HINT",
+           "GATED_PLAN_HINT", "check_gated_output", "replicate_packed"]
 
 _DTENSOR = "torch.distributed.tensor"
 _lock = threading.Lock()
@@ -166,6 +193,129 @@ def _grad_weight_rule(grad, saved, x, activation, alpha, compute_weight, compute
 
     return [rule(R, R, R, R, R), rule(P, P, S0, S0, S0), rule(S0, S0, S1, S1, R),
             rule(S1, R, R, R, S1), rule(P, P, P, R, R)]
+
+
+def _is_shard_of(placement, dims) -> bool:
+    from torch.distributed.tensor import Shard
+
+    return isinstance(placement, Shard) and placement.dim in dims
+
+
+def _shards_dim(spec, dims) -> bool:
+    """Whether a DTensor (or DTensor's spec of one) is sharded on one of `dims` (a dimension
+    and its negative spelling) on some mesh dimension."""
+    return spec is not None and any(_is_shard_of(p, dims) for p in spec.placements)
+
+
+def _warn_gated_gathered(reason: str) -> None:
+    """Say once per reason that DTensor is gathering a gated op's inputs (correct, not
+    parallel), and what plan would be parallel."""
+    if reason in _warned:
+        return
+    _warned.add(reason)
+    warnings.warn(f"fastmlp gated_linear: {reason}, so DTensor gathers the inputs and the op "
+                  f"runs unsharded. {GATED_PLAN_HINT}", RuntimeWarning, stacklevel=3)
+
+
+GATED_PLAN_HINT = (
+    "For tensor parallel, shard the gate and up weights (and biases) each Shard(0) on hidden "
+    "with a replicated input (column-parallel: the output is Shard on its last dimension), and "
+    "give the down projection after the product the row-parallel plan")
+
+_IN_FEATURES_SHARDED = ("in_features is sharded (weights Shard(1)): the gate and up "
+                        "projections would be partial sums, and the activation of a partial sum "
+                        "is not the activation of the sum")
+_PACKED_ROWS_SHARDED = ("the packed [2 * hidden, in_features] weight is sharded on its rows "
+                        "(Shard(0)): each rank holds a contiguous block of the 2 * hidden rows, "
+                        "so gate and up rows are not paired on any rank")
+
+
+def _gated_rule(x, gate_weight, up_weight, gate_bias, up_bias, activation, alpha, save):
+    R, S0, S1, P = _placements()
+    n_biases = (gate_bias is not None) + (up_bias is not None)
+    if _shards_dim(gate_weight, (1, -1)) or _shards_dim(up_weight, (1, -1)):
+        _warn_gated_gathered(_IN_FEATURES_SHARDED)
+
+    def rule(y, xp, wp, bp):
+        saved = y if save else R
+        return [y, saved, saved], [xp, wp, wp] + [bp] * n_biases
+
+    return [rule(R, R, R, R), rule(S0, S0, R, R), rule(S1, R, S0, S0)]
+
+
+def _gated_grad_input_rule(grad, g, u, gate_weight, up_weight, activation, alpha):
+    R, S0, S1, P = _placements()
+
+    def rule(dx, gp, wp):
+        return [dx], [gp, gp, gp, wp, wp]
+
+    return [rule(R, R, R), rule(S0, S0, R), rule(P, S1, S0), rule(S1, R, S1),
+            ([P], [P, R, R, R, R])]
+
+
+def _gated_grad_weight_rule(grad, g, u, x, activation, alpha, gate_weight, gate_bias, up_weight,
+                            up_bias):
+    R, S0, S1, P = _placements()
+
+    def rule(dw, db, gp, xp, partial_grad=False):
+        return ([dw if gate_weight else R, db if gate_bias else R, dw if up_weight else R,
+                 db if up_bias else R], [P if partial_grad else gp, gp, gp, xp])
+
+    return [rule(R, R, R, R), rule(P, P, S0, S0), rule(S0, S0, S1, R), rule(S1, R, R, S1),
+            rule(P, P, R, R, partial_grad=True)]
+
+
+def _gated_packed_rule(x, weight, bias, activation, alpha, gate_first, save):
+    R, S0, S1, P = _placements()
+    if _shards_dim(weight, (0, -2)) or _shards_dim(bias, (0, -1)):
+        _warn_gated_gathered(_PACKED_ROWS_SHARDED)
+    elif _shards_dim(weight, (1, -1)):
+        _warn_gated_gathered(_IN_FEATURES_SHARDED)
+
+    def rule(y, xp):
+        saved = y if save else R
+        return [y, saved, saved], [xp, R] + ([R] if bias is not None else [])
+
+    return [rule(R, R), rule(S0, S0)]
+
+
+def _gated_packed_grad_weight_rule(grad, g, u, x, activation, alpha, gate_first, weight, bias):
+    R, S0, S1, P = _placements()
+
+    def rule(dw, db, gp, xp, partial_grad=False):
+        return ([dw if weight else R, db if bias else R], [P if partial_grad else gp, gp, gp, xp])
+
+    return [rule(R, R, R, R), rule(P, P, S0, S0), rule(S1, R, R, S1),
+            rule(P, P, R, R, partial_grad=True)]
+
+
+def replicate_packed(weight, bias):
+    """(weight, bias) of the packed gated form with any Shard(0) of their 2H rows replaced by
+    Replicate (DTensor's redistribute: an all-gather, differentiable, so their gradients come
+    back in the Parameters' own placements), warning once why (_PACKED_ROWS_SHARDED). Other
+    placements are left to the op's rules."""
+    from torch.distributed.tensor import Replicate
+
+    def rows_replicated(t, dims):
+        if t is None or not _shards_dim(t, dims):
+            return t
+        placements = [Replicate() if _is_shard_of(p, dims) else p for p in t.placements]
+        return t.redistribute(t.device_mesh, placements)
+
+    if _shards_dim(weight, (0, -2)) or _shards_dim(bias, (0, -1)):
+        _warn_gated_gathered(_PACKED_ROWS_SHARDED)
+    return rows_replicated(weight, (0, -2)), rows_replicated(bias, (0, -1))
+
+
+def check_gated_output(y, where: str) -> None:
+    """A RuntimeError if a gated op's DTensor output is a Partial sum (act(G) ⊙ U of partial
+    sums: a wrong result). The rules never give one; this makes a torch in which the rules'
+    cache key override did not take effect fail loudly instead."""
+    if type(y) is torch.Tensor or not any(p.is_partial() for p in getattr(y, "placements", ())):
+        return
+    raise RuntimeError(f"fastmlp {where}: DTensor gave the gated op a Partial output "
+                       f"{tuple(y.placements)}, which would be computed from partial sums; the "
+                       f"sharding rules are not in effect in this torch. {GATED_PLAN_HINT}")
 
 
 def _dtensor_class():
@@ -288,6 +438,7 @@ def _register():
     from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
     from torch.distributed.tensor.experimental import register_sharding
 
+    import fastmlp.gated  # noqa: F401  (registers fastmlp::gated_linear, ...)
     import fastmlp.mlp  # noqa: F401  (registers fastmlp::mlp, mlp_backward)
     import fastmlp.ops  # noqa: F401  (registers fastmlp::linear_act, ...)
 
@@ -296,7 +447,12 @@ def _register():
              ops.linear_act_grad_input.default: _grad_input_rule,
              ops.linear_act_grad_weight.default: _grad_weight_rule,
              ops.mlp.default: _mlp_rule,
-             ops.mlp_backward.default: _mlp_backward_rule}
+             ops.mlp_backward.default: _mlp_backward_rule,
+             ops.gated_linear.default: _gated_rule,
+             ops.gated_linear_grad_input.default: _gated_grad_input_rule,
+             ops.gated_linear_grad_weight.default: _gated_grad_weight_rule,
+             ops.gated_linear_packed.default: _gated_packed_rule,
+             ops.gated_linear_packed_grad_weight.default: _gated_packed_grad_weight_rule}
     # Every private piece is looked up before the first rule is registered: a torch without
     # one gets no rules at all (DTensor's clear "no sharding strategy" error), never rules
     # whose cache key ignores the activation.

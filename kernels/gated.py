@@ -10,7 +10,9 @@ The math (X [M, K]; W_g, W_u [N, K] in nn.Linear layout, N the hidden width; b_g
     dW, db    dW_g = dGᵀ X, dW_u = dUᵀ X (the same X tile feeds both dots), db_g, db_u their
               column sums, in one kernel; deterministic (fixed order, no atomics), rows split
               into chunks whose fp32 partials linear_act's reduce_partials_kernel adds in a fixed
-              order when the output has too few tiles to fill the GPU
+              order when the output has too few tiles to fill the GPU; for a packed [2N, K]
+              weight its outputs are the two halves of one [2N, K] gradient (and [2N] bias
+              gradient), written in place (gated_grad_weight_packed)
 
 act' reads what the activation's row ``saves`` (kernels/activations.py): act(G), recomputed
 from G in the kernel, for "output" rows, G itself for "preact" rows. The weights come with
@@ -22,7 +24,6 @@ Each launcher takes ``torch_impl`` (fastmlp/gated.py's torch implementation, bou
 arguments): the autotuner's TORCH_GEMM candidate on GPUs.
 """
 
-import torch
 import triton
 import triton.language as tl
 
@@ -378,23 +379,72 @@ def gated_grad_weight(grad, g, u, x, activation: str, alpha: float, gate_weight:
 
     `split` fixes the number of row chunks (tests); by default it is chosen from the GPU size.
     """
+    N, K = grad.shape[1], x.shape[1]
+    dtype, device = grad.dtype, grad.device
+    flags = (gate_weight, gate_bias, up_weight, up_bias)
+
+    def allocate():
+        shapes = ((N, K), (N,), (N, K), (N,))
+        outputs = tuple(new_output(s, dtype=dtype, device=device) if f else None
+                        for s, f in zip(shapes, flags))
+        return outputs, outputs
+
+    return _grad_weight(grad, g, u, x, activation, alpha, flags, allow_tf32, split, torch_impl,
+                        allocate)
+
+
+@on_first_tensors_device
+def gated_grad_weight_packed(grad, g, u, x, activation: str, alpha: float, gate_first: bool,
+                             weight: bool, bias: bool, allow_tf32: bool, split: int = None,
+                             torch_impl=None):
+    """(dW [2N, K], db [2N]) of a packed weight and bias, each None unless asked for.
+
+    The same grouped launch as gated_grad_weight, with its outputs the two halves of one packed
+    gradient (dW_g into the gate's rows, dW_u into the up rows, gate_first saying which half is
+    which; db_g, db_u likewise): the gradient autograd gets for the packed Parameter is this one
+    tensor, with no per-half buffer to zero-fill and add. torch_impl() returns the same pair.
+    """
+    N, K = grad.shape[1], x.shape[1]
+    dtype, device = grad.dtype, grad.device
+
+    def halves(t):
+        if t is None:
+            return None, None
+        return (t[:N], t[N:]) if gate_first else (t[N:], t[:N])
+
+    def allocate():
+        dw = new_output((2 * N, K), dtype=dtype, device=device) if weight else None
+        db = new_output((2 * N,), dtype=dtype, device=device) if bias else None
+        (dwg, dwu), (dbg, dbu) = halves(dw), halves(db)
+        return (dwg, dbg, dwu, dbu), (dw, db)
+
+    return _grad_weight(grad, g, u, x, activation, alpha, (weight, bias, weight, bias),
+                        allow_tf32, split, torch_impl, allocate)
+
+
+def _grad_weight(grad, g, u, x, activation, alpha, flags, allow_tf32, split, torch_impl,
+                 allocate):
+    """The grouped dW/db launch. allocate() gives (targets, result): targets the four outputs
+    (dW_g, db_g, dW_u, db_u: contiguous [N, K] / [N] tensors, or None where not asked for) the
+    kernel, or the reduction of its row chunks, writes every element of; result what the
+    launcher returns once they are written. An empty target (K = 0) is complete as it is."""
     M, N = grad.shape
     K = x.shape[1]
     dtype, device = grad.dtype, grad.device
     alpha = float(alpha)
-    flags = (gate_weight, gate_bias, up_weight, up_bias)
+    gate_weight, gate_bias, up_weight, up_bias = flags
     if not any(flags):
-        return None, None, None, None
+        return allocate()[1]
     acc, precision, upcast = _precision(dtype, allow_tf32)
     grad, g, u = _same_strides(grad, g, u)
     offset_dtype = _offset_dtype(grad, x, extra_strides=(K,))  # K: row stride of dW
     kernel_dwg, kernel_dwu = gate_weight and K > 0, up_weight and K > 0
 
-    def _side(chunks, kernel_dw, compute_db):
+    def _side(chunks, kernel_dw, compute_db, dw_out, db_out):
         """(dW target [split, N, K], db target [split, N], part buffer or None) of one side."""
         if chunks == 1:
-            dw = new_output((N, K) if kernel_dw else (1, 1), dtype=dtype, device=device)
-            db = new_output((N,) if compute_db else (1,), dtype=dtype, device=device)
+            dw = dw_out if kernel_dw else new_output((1, 1), dtype=dtype, device=device)
+            db = db_out if compute_db else new_output((1,), dtype=dtype, device=device)
             return dw[None], db[None], None
         dw_numel, db_numel = (N * K if kernel_dw else 0), (N if compute_db else 0)
         row_length = max(16, cdiv(dw_numel + db_numel, 16) * 16)
@@ -402,32 +452,28 @@ def gated_grad_weight(grad, g, u, x, activation: str, alpha: float, gate_weight:
         dw = part[:, :dw_numel].view(chunks, N, K) if kernel_dw else part[:, None, :1]
         return dw, part[:, dw_numel:dw_numel + db_numel], part
 
-    def _finish(part, dw_t, db_t, kernel_dw, compute_weight, compute_db):
-        if part is None:
-            dw, db = dw_t[0], db_t[0]
-        else:
-            dw_numel, db_numel = (N * K if kernel_dw else 0), (N if compute_db else 0)
-            dw = new_output((N, K) if kernel_dw else (1,), dtype=dtype, device=device)
-            db = new_output((N,) if compute_db else (1,), dtype=dtype, device=device)
-            if dw_numel + db_numel:
-                reduce_partials_kernel[(cdiv(part.shape[1], _REDUCE_BLOCK),)](
-                    part, dw, db, part.shape[0], part.shape[1], dw_numel, db_numel,
-                    BLOCK=_REDUCE_BLOCK)
-        if compute_weight and not kernel_dw:
-            dw = torch.zeros((N, K), dtype=dtype, device=device)  # K = 0: empty
-        return (dw if compute_weight else None), (db if compute_db else None)
+    def _finish(part, kernel_dw, compute_db, dw_out, db_out):
+        """Sum a side's row-chunk partials into its outputs, in a fixed order."""
+        dw_numel, db_numel = (N * K if kernel_dw else 0), (N if compute_db else 0)
+        if part is None or not dw_numel + db_numel:
+            return
+        dw = dw_out if kernel_dw else new_output((1,), dtype=dtype, device=device)
+        db = db_out if compute_db else new_output((1,), dtype=dtype, device=device)
+        reduce_partials_kernel[(cdiv(part.shape[1], _REDUCE_BLOCK),)](
+            part, dw, db, part.shape[0], part.shape[1], dw_numel, db_numel, BLOCK=_REDUCE_BLOCK)
 
     def run(cfg, chunks):
         if cfg is tuning.TORCH_GEMM:
             return tuple(_contiguous(t) for t in _run_torch_impl(torch_impl, device))
+        (dwg, dbg, dwu, dbu), result = allocate()
         kernel_dw = kernel_dwg or kernel_dwu
         tiles_ = cdiv(N, cfg.block_rows) * (cdiv(K, cfg.block_cols) if kernel_dw else 1)
         if chunks is None:
             chunks = choose_split(M, tiles_, cfg.block_red, device) if M > 0 else 1
         rows_per_split = cdiv(cdiv(M, chunks), cfg.block_red) * cfg.block_red if M > 0 else 1
         chunks = max(1, cdiv(M, rows_per_split)) if M > 0 else 1
-        dwg_t, dbg_t, part_g = _side(chunks, kernel_dwg, gate_bias)
-        dwu_t, dbu_t, part_u = _side(chunks, kernel_dwu, up_bias)
+        dwg_t, dbg_t, part_g = _side(chunks, kernel_dwg, gate_bias, dwg, dbg)
+        dwu_t, dbu_t, part_u = _side(chunks, kernel_dwu, up_bias, dwu, dbu)
         gated_grad_weight_kernel[(tiles_, chunks)](
             grad, g, u, x, dwg_t, dbg_t, dwu_t, dbu_t, M, N, K, rows_per_split,
             grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),
@@ -439,15 +485,13 @@ def gated_grad_weight(grad, g, u, x, activation: str, alpha: float, gate_weight:
             ACC_DTYPE=acc, DOT_PRECISION=precision, UPCAST=upcast, OFFSET_DTYPE=offset_dtype,
             BLOCK_N=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_M=cfg.block_red, GROUP=cfg.group,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        dwg, dbg = _finish(part_g, dwg_t, dbg_t, kernel_dwg, gate_weight, gate_bias)
-        dwu, dbu = _finish(part_u, dwu_t, dbu_t, kernel_dwu, up_weight, up_bias)
-        return dwg, dbg, dwu, dbu
+        _finish(part_g, kernel_dwg, gate_bias, dwg, dbg)
+        _finish(part_u, kernel_dwu, up_bias, dwu, dbu)
+        return result
 
     if N == 0 or not (kernel_dwg or kernel_dwu or gate_bias or up_bias):
-        zeros_w = lambda: torch.zeros((N, K), dtype=dtype, device=device)  # noqa: E731
-        zeros_b = lambda: torch.zeros((N,), dtype=dtype, device=device)  # noqa: E731
-        return ((zeros_w() if gate_weight else None), (zeros_b() if gate_bias else None),
-                (zeros_w() if up_weight else None), (zeros_b() if up_bias else None))
+        # nothing to compute: every output asked for is empty (N = 0, or dW with K = 0)
+        return allocate()[1]
     configs_, key = _configs_and_key("dw", grad, precision, (M, N, K), activation,
                                      (activation, alpha) + flags, torch_impl)
     cfg = tuning.pick_config(key, configs_, device, lambda c: run(c, split))

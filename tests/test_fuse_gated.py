@@ -157,7 +157,7 @@ class T5LikeDense(nn.Module):
 
 def _gated_calls(module):
     """The gated-op calls in a rewritten module's forward."""
-    targets = (fastmlp.functional.gated_linear, fastmlp.functional.gated_linear_packed)
+    targets = (fastmlp.fusion.gated_projections, fastmlp.fusion.packed_gated_projection)
     return [n for n in module.graph.nodes if n.op == "call_function" and n.target in targets]
 
 
@@ -197,7 +197,7 @@ def test_packed_gated_block(gate_first, spelling):
     model = nn.Sequential(PackedMLP(gate_first=gate_first, spelling=spelling, bias=True))
     fused, report = _fuse_checked(model, _x(7, D))
     (call,) = _gated_calls(fused[0])
-    assert call.target is fastmlp.functional.gated_linear_packed
+    assert call.target is fastmlp.fusion.packed_gated_projection
     assert call.args[-1] is gate_first
     (entry,) = [e for e in report if e.fused]
     assert entry.name == "0.gate_up_proj" and entry.activation == "silu"
@@ -210,7 +210,7 @@ def test_packed_leaky_relu_keeps_its_slope():
     model = nn.Sequential(PackedMLP(act=nn.LeakyReLU(0.3)))
     fused, report = _fuse_checked(model, _x(5, D))
     (call,) = _gated_calls(fused[0])
-    assert call.args[3] == ("leaky_relu", 0.3)
+    assert call.args[2] == ("leaky_relu", 0.3)
 
 
 class UpAlsoReturned(LlamaLikeMLP):
@@ -622,3 +622,26 @@ def test_mlp_option_says_why_mlp_looking_modules_are_not_stacks():
         "nn.Sequential stacks, so its layers go through the pair pass")
     assert "attention" not in stacks
     assert "llama (MLP stack): not made a FusedMLP: not an nn.Sequential" in str(report)
+
+
+@pytest.mark.parametrize("block", [LlamaLikeMLP, PackedMLP])
+def test_hooks_registered_after_fuse_run_and_see_the_linears(block):
+    """Tensor parallelism's ColwiseParallel, for one, hooks the gate and up Linears after a model
+    is built: the fused product then calls them as written, so the hooks run."""
+    torch.manual_seed(20)
+    model = nn.Sequential(block())
+    stock = copy.deepcopy(model)
+    fused = fastmlp.fuse(model)
+    assert len(_gated_calls(fused[0])) == 1
+    proj = fused[0].gate_proj if block is LlamaLikeMLP else fused[0].gate_up_proj
+    seen = []
+    handle = proj.register_forward_hook(lambda mod, args, out: seen.append(out.shape) or out * 2)
+    stock_proj = stock[0].gate_proj if block is LlamaLikeMLP else stock[0].gate_up_proj
+    stock_proj.register_forward_hook(lambda mod, args, out: out * 2)
+    x = _x(3, D)
+    assert_close(fused(x), stock(x), torch.float32, "hooked output")
+    assert len(seen) == 1
+    handle.remove()
+    seen.clear()
+    fused(x)
+    assert seen == []          # no hook: the gated op again, the Linear not called

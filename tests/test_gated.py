@@ -128,7 +128,8 @@ def _separate_inputs(device, dtype, lead, K, H, gate_bias=True, up_bias=True, se
 def _packed_inputs(device, dtype, lead, K, H, bias=True, seed=()):
     gen = torch.Generator().manual_seed(case_seed("packed", lead, K, H, str(dtype), *seed))
     x = torch.randn(*lead, K, generator=gen).to(device, dtype).requires_grad_()
-    w = (torch.randn(2 * H, K, generator=gen) * K ** -0.5).to(device, dtype).requires_grad_()
+    w = (torch.randn(2 * H, K, generator=gen) * max(K, 1) ** -0.5).to(device, dtype)
+    w.requires_grad_()
     b = torch.randn(2 * H, generator=gen).to(device, dtype).requires_grad_() if bias else None
     return [x, w, b]
 
@@ -165,14 +166,139 @@ def test_packed_weight(impl, dtype, gate_first, bias, activation):
                         tensors, dtype, f"packed {activation} gate_first={gate_first}")
 
 
-def test_packed_halves_are_not_copied(triton_backend, device):
-    """The Function saves the packed weight's halves as views of it (no .contiguous() copy).
-    The kernels' path: on the torch backend torch's own nodes save what F.linear saves."""
+def test_packed_halves_are_not_copied(triton_backend, device, monkeypatch):
+    """The packed Function saves the packed weight itself, and the forward and dX kernels read
+    its halves in place (views at the halves' offsets, no .contiguous() copy). The kernels'
+    path: on the torch backend torch's own nodes save what F.linear saves."""
+    from fastmlp.kernels import gated as kernels
+
+    weights_read = []
+    for name, first in (("gated_forward", 1), ("gated_grad_input", 3)):
+        original = getattr(kernels, name)
+
+        def spy(*args, _original=original, _first=first, **kwargs):
+            weights_read.append((args[_first].data_ptr(), args[_first + 1].data_ptr()))
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(kernels, name, spy)
     x, w, b = _packed_inputs(device, FP32, (4,), 6, 5)
-    y = F.gated_linear_packed(x, w, b, "silu")
+    y = F.gated_linear_packed(x, w, b, "silu", gate_first=False)
     assert isinstance(y.grad_fn, torch.autograd.function.BackwardCFunction)
-    pointers = {t.data_ptr() for t in y.grad_fn.saved_tensors if t is not None}
-    assert w.data_ptr() in pointers and w[5:].data_ptr() in pointers
+    assert w.data_ptr() in {t.data_ptr() for t in y.grad_fn.saved_tensors if t is not None}
+    y.sum().backward()
+    up, gate = w.data_ptr(), w[5:].data_ptr()
+    assert weights_read == [(gate, up), (gate, up)], weights_read
+
+
+def _nodes_feeding(y, leaf):
+    """(names of the autograd nodes with an edge to `leaf`'s AccumulateGrad, names of every
+    node of y's graph)."""
+    feeding, names, seen, stack = [], [], set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        for next_node, _ in node.next_functions:
+            if next_node is not None and getattr(next_node, "variable", None) is leaf:
+                feeding.append(type(node).__name__)
+            stack.append(next_node)
+    return feeding, names
+
+
+@pytest.mark.parametrize("gate_first", [True, False], ids=["gate-first", "up-first"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_packed_gradient_comes_from_one_node(impl, gate_first, bias):
+    """The packed weight's (and bias's) gradient reaches it from one autograd node, with no
+    SliceBackward anywhere: no per-half [2H, K] buffer zero-filled and added to the other
+    half's. (Passing the halves as views gave two SliceBackward nodes feeding the weight.)"""
+    tensors = _packed_inputs(impl, FP32, (3, 7), 11, 5, bias, seed=(gate_first,))
+    y = F.gated_linear_packed(*tensors, activation="gelu", gate_first=gate_first)
+    for what, leaf in (("weight", tensors[1]), ("bias", tensors[2])):
+        if leaf is None:
+            continue
+        feeding, names = _nodes_feeding(y, leaf)
+        assert len(feeding) == 1, (what, feeding)
+        assert not [n for n in names if n.startswith("SliceBackward")], names
+
+
+@pytest.mark.parametrize("gate_first", [True, False], ids=["gate-first", "up-first"])
+def test_packed_gradient_is_the_grouped_launch_output(triton_backend, device, monkeypatch,
+                                                      gate_first):
+    """The packed weight's .grad (and the bias's) is the very tensor the one grouped dW/db
+    launch wrote: no copy, no add after it (outputs NaN-poisoned before the launch, so a half
+    left unwritten would show), and it equals torch's in float64."""
+    from fastmlp.kernels import gated as kernels
+
+    written = []
+    original = kernels.gated_grad_weight_packed
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        written.append(tuple(t.data_ptr() for t in out))
+        return out
+    monkeypatch.setattr(kernels, "gated_grad_weight_packed", spy)
+    tensors = _packed_inputs(device, FP32, (19,), 9, 7, seed=(gate_first,))
+    grad_out = torch.randn(19, 7, device=device)
+    _, grads = _run(fast_packed("silu", gate_first), tensors, grad_out)
+    assert written == [(grads[1].data_ptr(), grads[2].data_ptr())], written
+    _, want = _run(torch_packed("silu", gate_first), tensors, grad_out, FP64)
+    for got, expected, what in zip(grads, want, ("dX", "dW", "db")):
+        assert_close(got, expected, FP32, what)
+
+
+def test_packed_op_torch_implementation_writes_one_tensor(torch_backend, monkeypatch):
+    """The op's torch implementation (the torch backend under torch.compile or DTensor, and
+    the autotuner's torch candidate) writes both halves into one empty tensor: the gradient
+    autograd hands the packed weight is that tensor."""
+    from fastmlp import gated
+
+    written = []
+    original = gated.torch_grad_weight_packed
+
+    def spy(*args):
+        out = original(*args)
+        written.append(tuple(t.data_ptr() for t in out))
+        return out
+    monkeypatch.setattr(gated, "torch_grad_weight_packed", spy)
+    x, w, b = _packed_inputs("cpu", FP32, (6,), 5, 3)
+    grad_out = torch.randn(6, 3)
+    y, _, _ = torch.ops.fastmlp.gated_linear_packed(x, w, b, "tanh", 0.0, False, True)
+    y.backward(grad_out)
+    assert written == [(w.grad.data_ptr(), b.grad.data_ptr())], written
+    _, want = _run(torch_packed("tanh", gate_first=False), [x, w, b], grad_out, FP64)
+    for got, expected, what in zip((x.grad, w.grad, b.grad), want, ("dX", "dW", "db")):
+        assert_close(got, expected, FP32, what)
+
+
+PACKED_SHAPES = [((1,), 1, 1), ((1,), 13, 7), ((37,), 71, 45), ((2, 3, 4), 5, 3)]
+
+
+@pytest.mark.parametrize("lead,K,H", PACKED_SHAPES, ids=str)
+@pytest.mark.parametrize("gate_first", [True, False], ids=["gate-first", "up-first"])
+def test_packed_odd_shapes(impl, lead, K, H, gate_first):
+    tensors = _packed_inputs(impl, FP32, lead, K, H, seed=(gate_first,))
+    check_against_torch(fast_packed("relu", gate_first), torch_packed("relu", gate_first),
+                        tensors, FP32, f"packed {lead}x{K}->{H}")
+
+
+def test_packed_empty_batch_and_zero_sizes(impl):
+    """An empty batch (zero gradients, written by the launch), in_features = 0 (act(b_g) ⊙ b_u)
+    and hidden = 0 (an empty output), as torch."""
+    x, w, b = _packed_inputs(impl, FP32, (0,), 6, 4)
+    y = F.gated_linear_packed(x, w, b)
+    assert y.shape == (0, 4)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+    tensors = _packed_inputs(impl, FP32, (5,), 0, 3)
+    y = check_against_torch(fast_packed("silu", False), torch_packed("silu", False), tensors,
+                            FP32, "K=0")
+    assert y.shape == (5, 3)
+    x, w, b = _packed_inputs(impl, FP32, (2, 3), 4, 0)
+    y = F.gated_linear_packed(x, w, b)
+    assert y.shape == (2, 3, 0)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and w.grad.shape == (0, 4)
 
 
 @pytest.mark.parametrize("which", ["gate", "up", "neither"])
@@ -474,6 +600,49 @@ def test_autocast_keeps_the_autocast_dtype(impl, dtype):
     assert rel_err(y, expected.float()) < TOLERANCE[dtype]
 
 
+def test_packed_torch_func_and_batched_gradients(impl):
+    """The packed form under torch.func.grad (torch's composite) and with a batched backward
+    (is_grads_batched: the Function's differentiable packed backward on the kernels' path)."""
+    x, w, b = [t.detach() for t in _packed_inputs(impl, FP32, (5,), 4, 3)]
+    fast, stock = fast_packed("silu", gate_first=False), torch_packed("silu", gate_first=False)
+    x64, w64, b64 = x.double(), w.double(), b.double()
+    got = torch.func.grad(lambda v: fast(x, v, b).square().sum())(w)
+    want = torch.func.grad(lambda v: stock(x64, v, b64).square().sum())(w64)
+    assert_close(got, want, FP32, "func.grad of the packed weight")
+    wr = w.clone().requires_grad_()
+    y = fast(x, wr, b)
+    basis = torch.eye(y.numel(), device=impl).view(-1, *y.shape)
+    (jb,) = torch.autograd.grad(y, wr, basis, is_grads_batched=True)
+    want = torch.autograd.functional.jacobian(lambda v: stock(x64, v, b64), w64)
+    assert_close(jb, want.view(jb.shape), FP32, "is_grads_batched, packed weight")
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP16], ids=str)
+def test_packed_autocast_keeps_the_autocast_dtype(impl, dtype):
+    x, w, b = [t.detach() for t in _packed_inputs(impl, FP32, (8,), 12, 5)]
+    with torch.autocast(impl, dtype=dtype):
+        y = F.gated_linear_packed(x, w, b, "gelu", gate_first=False)
+        expected = torch_packed("gelu", gate_first=False)(x, w, b)
+    assert y.dtype == expected.dtype == dtype
+    assert rel_err(y, expected.float()) < TOLERANCE[dtype]
+
+
+def test_packed_bias_changed_in_place_before_backward(triton_backend, device):
+    """As the separate form: a packed bias changed in place between forward and a first-order
+    backward is allowed; a create_graph backward, which recomputes from it, refuses."""
+    x, w, b = _packed_inputs(device, FP32, (4,), 5, 3)
+    y = F.gated_linear_packed(x, w, b, "silu")
+    with torch.no_grad():
+        b.add_(1.0)
+    y.sum().backward()
+    assert b.grad is not None and b.grad.shape == (6,)
+    y = F.gated_linear_packed(x, w, b, "silu")
+    with torch.no_grad():
+        b.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
 # ---- registration: opcheck, torch.compile ------------------------------------------------------
 def _op_cases(device, name, alpha):
     gen = torch.Generator().manual_seed(case_seed("opcheck", name))
@@ -483,8 +652,9 @@ def _op_cases(device, name, alpha):
 
     x, wg, wu, bg, bu = randn(6, 5), randn(4, 5), randn(4, 5), randn(4), randn(4)
     dy, g, u = randn(6, 4), randn(6, 4), randn(6, 4)
-    packed = randn(8, 5)
+    packed, packed_bias = randn(8, 5), randn(8)
     grad = [t.clone().requires_grad_() for t in (x, wg, wu, bg, bu)]
+    packed_grad = [t.clone().requires_grad_() for t in (x, packed, packed_bias)]
     o = torch.ops.fastmlp
     return [
         (o.gated_linear, (*grad, name, alpha, True)),
@@ -492,6 +662,11 @@ def _op_cases(device, name, alpha):
         (o.gated_linear_grad_input, (dy, g, u, wg, wu, name, alpha)),
         (o.gated_linear_grad_weight, (dy, g, u, x, name, alpha, True, True, True, True)),
         (o.gated_linear_grad_weight, (dy, g, u, x, name, alpha, False, True, True, False)),
+        (o.gated_linear_packed, (*packed_grad, name, alpha, True, True)),
+        (o.gated_linear_packed, (packed_grad[0], packed_grad[1], None, name, alpha, False, True)),
+        (o.gated_linear_packed, (x, packed, packed_bias, name, alpha, False, False)),
+        (o.gated_linear_packed_grad_weight, (dy, g, u, x, name, alpha, True, True, True)),
+        (o.gated_linear_packed_grad_weight, (dy, g, u, x, name, alpha, False, False, True)),
     ]
 
 
@@ -620,6 +795,35 @@ def test_weight_gradients_split_and_flags(triton_backend, device, flags, split, 
             assert_close(r, e, FP32, what)
         else:
             assert r is None, what
+
+
+@pytest.mark.parametrize("flags", [(True, True), (True, False), (False, True)], ids=str)
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("gate_first", [True, False], ids=["gate-first", "up-first"])
+def test_packed_weight_gradients_split_and_flags(triton_backend, device, flags, split,
+                                                 gate_first):
+    """gated_grad_weight_packed writes dW_g, dW_u (db_g, db_u) into the halves of one [2N, K]
+    ([2N]) output, in the gate_first order, with and without row chunks (fp32 partials reduced
+    into the halves), against torch in float64 (outputs poisoned before launch)."""
+    from fastmlp.kernels import gated as kernels
+
+    gen = torch.Generator().manual_seed(case_seed("packed dw", flags, split, gate_first))
+    M, N, K = 150, 19, 23
+    dy, g, u = (torch.randn(M, N, generator=gen).to(device) for _ in range(3))
+    x = torch.randn(M, K, generator=gen).to(device)
+    dw, db = kernels.gated_grad_weight_packed(dy, g, u, x, "sigmoid", 0.0, gate_first, *flags,
+                                              False, split=split)
+    g64, u64, dy64, x64 = (t.double() for t in (g, u, dy, x))
+    s = torch.sigmoid(g64)
+    dg, du = dy64 * u64 * s * (1 - s), dy64 * s
+    first, second = (dg, du) if gate_first else (du, dg)
+    want = (torch.cat([first.t() @ x64, second.t() @ x64]), torch.cat([first.sum(0), second.sum(0)]))
+    for flag, got, expected, what in zip(flags, (dw, db), want, ("dW", "db")):
+        if flag:
+            assert got.shape == expected.shape and got.is_contiguous(), what
+            assert_close(got, expected, FP32, what)
+        else:
+            assert got is None, what
 
 
 def test_grad_input_kernel_with_strided_saved_tensors(triton_backend, device):

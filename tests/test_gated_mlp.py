@@ -210,25 +210,25 @@ def test_the_kernels_compute_on_the_triton_backend(triton_backend, device, monke
     assert_close(y, block64(x.double()), FP32, "fused forward")
 
 
-def test_packed_halves_are_views(monkeypatch):
-    """The phi3 layout hands the gated op the two halves of gate_up_proj as views of it."""
+def test_packed_weight_goes_to_the_packed_op_as_it_is(monkeypatch):
+    """The phi3 layout hands the packed gated op gate_up_proj's own Parameters (the kernels read
+    the halves in place), so its weight gradient comes back as one [2H, K] tensor."""
     import fastmlp.nn as fnn
 
     fast = GatedMLP(IN, HIDDEN, OUT, True, layout="phi3")
     seen = []
 
-    def record(x, gw, uw, gb, ub, *rest):
-        seen.append((gw, uw, gb, ub))
-        return real(x, gw, uw, gb, ub, *rest)
+    def record(x, weight, bias, *rest):
+        seen.append((weight, bias, rest))
+        return real(x, weight, bias, *rest)
 
-    real = fnn.fused_gated
-    monkeypatch.setattr(fnn, "fused_gated", record)
-    fast(_input("cpu", FP32, "views"))
-    (gw, uw, gb, ub), = seen
-    w, b = fast.gate_up_proj.weight, fast.gate_up_proj.bias
-    assert gw._base is w and uw._base is w and gb._base is b and ub._base is b
-    assert gw.data_ptr() == w.data_ptr() and uw.data_ptr() == w[HIDDEN:].data_ptr()
-    assert gb.data_ptr() == b.data_ptr() and ub.data_ptr() == b[HIDDEN:].data_ptr()
+    real = fnn.fused_gated_packed
+    monkeypatch.setattr(fnn, "fused_gated_packed", record)
+    fast(_input("cpu", FP32, "views")).sum().backward()
+    (weight, bias, rest), = seen
+    assert weight is fast.gate_up_proj.weight and bias is fast.gate_up_proj.bias
+    assert rest[-1] is True                                   # gate rows first, as Phi-3's chunk
+    assert fast.gate_up_proj.weight.grad.shape == (2 * HIDDEN, IN)
 
 
 @pytest.mark.parametrize("lead", [(0,), (3, 0)], ids=str)

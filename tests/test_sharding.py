@@ -13,6 +13,7 @@ runs every case of this file: each case catches its own error, the ranks save wh
 compare that, rank by rank, with the same model unsharded in one process in float64.
 """
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -62,8 +63,9 @@ def _mlp_no_bias():
 
 
 class Llama(nn.Module):
-    """Llama's feed-forward, w2(silu(w1(x)) * w3(x)): fuse fuses w1 with F.silu; w3 and w2 are
-    FusedLinears without activation; the product is a torch op between them."""
+    """Llama's feed-forward, w2(silu(w1(x)) * w3(x)): fuse makes silu(w1(x)) * w3(x) one call
+    (fastmlp.fusion.gated_projections: the gated op on w1's and w3's weights, or, while they
+    have hooks, w1 and w3 called as written); w2 is a FusedLinear without activation."""
 
     def __init__(self, dim=6, hidden=10, fused=True):
         super().__init__()
@@ -202,7 +204,7 @@ def _case_llama(mesh, rank, sequence_parallel):
     xin = x[:, seq].clone().requires_grad_()
     y = _forward_backward(fused, xin, g[:, seq])
     return dict(init=init, x=x, g=g, y=_whole(y), dx=_whole(xin.grad), seq=(seq.start, seq.stop),
-                grads=_grads(fused), w1=repr(fused.w1))
+                grads=_grads(fused), code=fused.code)
 
 
 def case_tp_llama(mesh, rank):
@@ -408,11 +410,222 @@ def case_fsdp_tp_fit(mesh, rank):
     return dict(init=init, losses=losses, state=_state(model), layers=[repr(m) for m in model])
 
 
+# ---- the gated op (fastmlp::gated_linear and its packed form) on DTensors -------------------
+GATED = dict(rows=4, seq=3, dim=6, hidden=10)
+
+
+def _gated_tensors(name):
+    g = torch.Generator().manual_seed(case_seed("gated", name))
+    n, k, h = GATED["rows"], GATED["dim"], GATED["hidden"]
+    return dict(x=torch.randn(n, GATED["seq"], k, generator=g),
+                gate_weight=torch.randn(h, k, generator=g) * k ** -0.5,
+                up_weight=torch.randn(h, k, generator=g) * k ** -0.5,
+                gate_bias=torch.randn(h, generator=g), up_bias=torch.randn(h, generator=g),
+                g=torch.randn(n, GATED["seq"], h, generator=g))
+
+
+def _packed(t, gate_first):
+    """The packed weight (and bias) of the gate and up tensors, in the gate_first order."""
+    halves = [t["gate_weight"], t["up_weight"]], [t["gate_bias"], t["up_bias"]]
+    if not gate_first:
+        halves = [w[::-1] for w in halves]
+    return torch.cat(halves[0]), torch.cat(halves[1])
+
+
+@contextlib.contextmanager
+def _kernel_launches():
+    """A count of the gated kernels' launches, by launcher, while the block runs (every launch
+    of the Triton path, whether the op was reached with plain tensors or through DTensor's
+    dispatch); None on the torch backend, which runs torch's ops."""
+    if fastmlp.get_backend() != "triton":
+        yield None
+        return
+    from fastmlp.kernels import gated as kernels
+
+    counts, originals = {}, {}
+    for name in ("gated_forward", "gated_grad_input", "gated_grad_weight",
+                 "gated_grad_weight_packed"):
+        originals[name] = getattr(kernels, name)
+
+        def counted(*args, _original=originals[name], _name=name, **kwargs):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _original(*args, **kwargs)
+        setattr(kernels, name, counted)
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(kernels, name, original)
+
+
+def _node_names(y):
+    names, seen, stack = [], set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+# (x, weights, biases) placements: replicated; the batch sharded; column-parallel (gate and up
+# rows sharded alike on hidden); in_features sharded, which the rules gather (a warning)
+GATED_PLACEMENTS = {"replicated": ("R", "R", "R"), "rows": ("S0", "R", "R"),
+                    "column-parallel": ("R", "S0", "S0"), "in-features": ("S2", "S1", "R")}
+PACKED_PLACEMENTS = {"replicated": ("R", "R", "R"), "rows": ("S0", "R", "R"),
+                     "rows-of-packed": ("R", "S0", "S0"), "in-features": ("S2", "S1", "R")}
+
+
+def _placement(code):
+    from torch.distributed.tensor import Replicate, Shard
+
+    return Replicate() if code == "R" else Shard(int(code[1]))
+
+
+def _gated_dtensor_run(mesh, name, placements, packed, gate_first=True, bias=True,
+                       activation="silu"):
+    from torch.distributed.tensor import distribute_tensor
+
+    t = _gated_tensors(name)
+    xp, wp, bp = (_placement(c) for c in placements)
+    x = distribute_tensor(t["x"], mesh, [xp]).requires_grad_()
+    if packed:
+        w, b = _packed(t, gate_first)
+        params = {"weight": distribute_tensor(w, mesh, [wp]).requires_grad_(),
+                  "bias": distribute_tensor(b, mesh, [bp]).requires_grad_() if bias else None}
+    else:
+        params = {k: distribute_tensor(t[k], mesh, [wp if "weight" in k else bp]).requires_grad_()
+                  for k in ("gate_weight", "up_weight", "gate_bias", "up_bias")}
+        if not bias:
+            params["gate_bias"] = params["up_bias"] = None
+    with _kernel_launches() as launches, warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        if packed:
+            y = fastmlp.functional.gated_linear_packed(x, params["weight"], params["bias"],
+                                                       activation, gate_first)
+        else:
+            y = fastmlp.functional.gated_linear(x, *params.values(), activation)
+        (y * distribute_tensor(t["g"], mesh, y.placements)).sum().backward()
+    return dict(tensors=t, y=_whole(y), y_placements=repr(y.placements), dx=_whole(x.grad),
+                dx_placements=repr(x.grad.placements), nodes=_node_names(y), launches=launches,
+                grads={k: _whole(p.grad) for k, p in params.items() if p is not None},
+                grad_placements={k: repr(p.grad.placements) for k, p in params.items()
+                                 if p is not None},
+                warned=[str(w.message) for w in seen if "fastmlp gated_linear" in str(w.message)])
+
+
+def case_gated_dtensors(mesh, rank):
+    """fastmlp.functional.gated_linear on DTensors in each placement of GATED_PLACEMENTS,
+    biases on and (column-parallel) off, [batch, seq, dim] inputs that need their gradient."""
+    out = {}
+    for name, placements in GATED_PLACEMENTS.items():
+        act = {"rows": "gelu", "in-features": "sigmoid"}.get(name, "silu")
+        out[name] = _gated_dtensor_run(mesh, name, placements, packed=False, activation=act)
+    out["column-parallel no bias"] = _gated_dtensor_run(
+        mesh, "column-parallel no bias", GATED_PLACEMENTS["column-parallel"], packed=False,
+        bias=False, activation="relu")
+    return out
+
+
+def case_gated_packed_dtensors(mesh, rank):
+    """fastmlp.functional.gated_linear_packed on DTensors in each placement of
+    PACKED_PLACEMENTS, both halves' orders."""
+    out = {}
+    for i, (name, placements) in enumerate(PACKED_PLACEMENTS.items()):
+        out[name] = _gated_dtensor_run(mesh, "packed " + name, placements, packed=True,
+                                       gate_first=bool(i % 2), activation="gelu_tanh")
+    return out
+
+
+class GatedBlock(nn.Module):
+    """A Llama-style feed-forward written with fastmlp's gated op, down(silu(x W_gᵀ) ⊙ x W_uᵀ):
+    the gate and up weights held by Linears that the forward does not call (fastmlp.fuse's
+    rewrite reads them so), or one packed Linear; the down projection a FusedLinear."""
+
+    def __init__(self, dim=6, hidden=10, packed=False, bias=True):
+        super().__init__()
+        self.packed = packed
+        if packed:
+            self.gate_up = nn.Linear(dim, 2 * hidden, bias=bias)
+        else:
+            self.gate = nn.Linear(dim, hidden, bias=bias)
+            self.up = nn.Linear(dim, hidden, bias=bias)
+        self.down = fastmlp.FusedLinear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        if self.packed:
+            h = fastmlp.functional.gated_linear_packed(x, self.gate_up.weight, self.gate_up.bias)
+        else:
+            h = fastmlp.functional.gated_linear(x, self.gate.weight, self.up.weight,
+                                                self.gate.bias, self.up.bias)
+        return self.down(h)
+
+
+def _reference_gated_block(packed):
+    """GatedBlock computed with torch's ops (its state_dict keys and shapes)."""
+    class Reference(GatedBlock):
+        def forward(self, x):
+            if self.packed:
+                gate, up = self.gate_up(x).chunk(2, -1)
+            else:
+                gate, up = self.gate(x), self.up(x)
+            return F.linear(F.silu(gate) * up, self.down.weight, self.down.bias)
+    return Reference(packed=packed)
+
+
+def case_gated_tp_block(mesh, rank):
+    """Tensor parallel on GatedBlock: the block's input made a replicated DTensor
+    (PrepareModuleInput, as the plan of a block whose projections are not called as modules
+    must), gate and up ColwiseParallel (their weights Shard(0): the gated op column-parallel,
+    its output Shard on hidden), down RowwiseParallel; the block's output all-reduced."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import PrepareModuleInput, parallelize_module
+
+    Col, Row = _plans()
+    torch.manual_seed(case_seed("gated", "tp block"))
+    block = GatedBlock()
+    init = _state(block)
+    x = torch.randn(2, 3, 6, requires_grad=True)
+    g = torch.randn(2, 3, 6)
+    parallelize_module(block, mesh, PrepareModuleInput(input_layouts=(Replicate(),),
+                                                       desired_input_layouts=(Replicate(),)))
+    parallelize_module(block, mesh, {"gate": Col(), "up": Col(), "down": Row()})
+    with _kernel_launches() as launches:
+        y = _forward_backward(block, x, g)
+    return dict(init=init, x=x.detach(), g=g, y=_whole(y), dx=_whole(x.grad), grads=_grads(block),
+                launches=launches,
+                grad_placements={n: repr(p.grad.placements) for n, p in block.named_parameters()})
+
+
+def case_gated_fsdp(mesh, rank):
+    """FSDP2 (fully_shard) on a GatedBlock with a packed gate/up Linear and on the root:
+    inside the forward and backward the parameters are whole plain tensors, so the kernels run
+    as on one GPU, on each rank's own rows; the gradients are reduce-scattered (averaged)."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(case_seed("gated", "fsdp"))
+    model = nn.Sequential(GatedBlock(packed=True), nn.Tanh(),
+                          GatedBlock(packed=True))
+    init = _state(model)
+    x, g = torch.randn(8, 6), torch.randn(8, 6)
+    for block in (model[0], model[2]):
+        fully_shard(block)
+    fully_shard(model)
+    rows = slice(4 * rank, 4 * rank + 4)
+    with _kernel_launches() as launches:
+        y = _forward_backward(model, x[rows], g[rows])
+    return dict(init=init, x=x, g=g, rows=(rows.start, rows.stop), y=_whole(y),
+                grads=_grads(model), launches=launches)
+
+
 CASES = {
     2: [case_tp_mlp, case_sp_mlp_frozen, case_tp_llama, case_sp_llama, case_rowwise_activation,
         case_partial_grad, case_linear_rows, case_fused_mlp_replicated, case_fused_mlp_rows,
         case_fused_mlp_tp_plan, case_mixed_inputs,
-        case_fsdp_fit_layers, case_fsdp_fit_fused_mlp],
+        case_fsdp_fit_layers, case_fsdp_fit_fused_mlp,
+        case_gated_dtensors, case_gated_packed_dtensors, case_gated_tp_block, case_gated_fsdp],
     4: [case_fsdp_tp_fit],
 }
 
@@ -517,7 +730,9 @@ _REGISTERED = (
     "funcs = DTensor._op_dispatcher.sharding_propagator.op_strategy_funcs; "
     "ops = torch.ops.fastmlp; "
     "print(all(op.default in funcs for op in (ops.linear_act, ops.linear_act_grad_input, "
-    "ops.linear_act_grad_weight, ops.mlp, ops.mlp_backward)))")
+    "ops.linear_act_grad_weight, ops.mlp, ops.mlp_backward, ops.gated_linear, "
+    "ops.gated_linear_grad_input, ops.gated_linear_grad_weight, ops.gated_linear_packed, "
+    "ops.gated_linear_packed_grad_weight)))")
 
 
 def _python(code):
@@ -594,7 +809,9 @@ def test_sequence_parallel_rows_frozen_weight_no_bias(tmp_path_factory, backend)
 def test_llama_block(tmp_path_factory, backend, sequence_parallel):
     case = case_sp_llama if sequence_parallel else case_tp_llama
     for rank, r in enumerate(_case(tmp_path_factory, backend, case)):
-        assert "activation=silu" in r["w1"], r["w1"]   # fuse fused w1 with F.silu
+        # fuse made the gated product one call, which runs w1 and w3 as written while they
+        # carry tensor parallelism's hooks (ColwiseParallel's input/output hooks)
+        assert "gated_projections" in r["code"], r["code"]
         y, dx, grads = _reference(lambda: Llama(fused=False), r["init"], r["x"], r["g"])
         start, stop = r["seq"]
         assert_close(r["y"], y[:, start:stop], F32, f"rank {rank} y")
@@ -731,3 +948,137 @@ def test_fsdp2_with_tensor_parallel_on_a_2d_mesh(tmp_path_factory, backend):
     layers = results[0]["layers"]
     assert "activation=relu" in layers[0] and "FusedLinear" in layers[2], layers
     _compare_training(results, lambda: _tp_train_model(fused=False))
+
+
+# --------------------------------------------------------------------------------------------
+# The gated op on DTensors
+# --------------------------------------------------------------------------------------------
+def _gated_reference(t, activation, bias=True, packed=False, gate_first=True):
+    """(y, dx, {name: grad}) of the gated op unsharded in float64 with torch's ops (a packed
+    weight as models apply it: one F.linear, then chunk)."""
+    from fastmlp import activations
+
+    name, alpha = activations.resolve(activation)
+    act = activations.get(name)
+    x = t["x"].double().requires_grad_()
+    if packed:
+        w, b = (p.double().requires_grad_() for p in _packed(t, gate_first))
+        params = {"weight": w, "bias": b if bias else None}
+        first, second = F.linear(x, w, params["bias"]).chunk(2, -1)
+        gate, up = (first, second) if gate_first else (second, first)
+    else:
+        params = {k: t[k].double().requires_grad_() for k in ("gate_weight", "up_weight",
+                                                              "gate_bias", "up_bias")}
+        if not bias:
+            params["gate_bias"] = params["up_bias"] = None
+        gate = F.linear(x, params["gate_weight"], params["gate_bias"])
+        up = F.linear(x, params["up_weight"], params["up_bias"])
+    y = act.torch_forward(gate, alpha) * up
+    (y * t["g"].double()).sum().backward()
+    return y.detach(), x.grad, {k: p.grad for k, p in params.items() if p is not None}
+
+
+def _check_gated_run(got, rank, what, activation, backend, **reference):
+    y, dx, grads = _gated_reference(got["tensors"], activation, **reference)
+    assert_close(got["y"], y, F32, f"rank {rank} {what} y")
+    assert_close(got["dx"], dx, F32, f"rank {rank} {what} dx")
+    _compare_grads(got["grads"], grads, f"rank {rank} {what}")
+    packed = reference.get("packed", False)
+    if backend == "triton":   # the op and its kernels ran (the torch path: torch's ops)
+        node = "_GatedPackedFunctionBackward" if packed else "_GatedFunctionBackward"
+        assert node in got["nodes"], (what, got["nodes"])
+        dw = "gated_grad_weight_packed" if packed else "gated_grad_weight"
+        assert got["launches"].get("gated_forward") and got["launches"].get(dw), got["launches"]
+    else:
+        assert not [n for n in got["nodes"] if "Gated" in n], got["nodes"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gated_op_on_dtensors(tmp_path_factory, backend):
+    """Forward and every gradient against float64 torch, unsharded; on the kernels' path the
+    placements the rules give: rows stay Shard(0) (weight gradients Partial), column-parallel
+    gives Shard on hidden (dX Partial, the weight and bias gradients Shard(0) as the
+    Parameters), in_features sharded is gathered with a warning (never a Partial into the
+    activation)."""
+    for rank, r in enumerate(_case(tmp_path_factory, backend, case_gated_dtensors)):
+        for what, got in r.items():
+            act = {"rows": "gelu", "in-features": "sigmoid",
+                   "column-parallel no bias": "relu"}.get(what, "silu")
+            _check_gated_run(got, rank, what, act, backend, bias=what != "column-parallel no bias")
+            if backend != "triton":
+                continue
+            placements = {"replicated": ("(Replicate(),)", "(Replicate(),)", "(Replicate(),)"),
+                          "rows": ("(Shard(dim=0),)", "(Shard(dim=0),)", "(Partial(sum),)"),
+                          "column-parallel": ("(Shard(dim=2),)", "(Partial(sum),)",
+                                              "(Shard(dim=0),)"),
+                          "in-features": ("(Replicate(),)", "(Shard(dim=2),)", None)}
+            y_p, dx_p, w_p = placements[what.replace(" no bias", "")]
+            assert (got["y_placements"], got["dx_placements"]) == (y_p, dx_p), (what, got)
+            if w_p is not None:
+                assert set(got["grad_placements"].values()) == {w_p}, (what, got)
+            else:   # weights Shard(1): their gradients Shard(1), the biases' (replicated) R
+                assert got["grad_placements"] == {
+                    "gate_weight": "(Shard(dim=1),)", "up_weight": "(Shard(dim=1),)",
+                    "gate_bias": "(Replicate(),)", "up_bias": "(Replicate(),)"}, got
+            if what == "in-features":   # once per process, from the rule DTensor asked
+                assert len(got["warned"]) == 1 and "in_features is sharded" in got["warned"][0]
+            elif what != "in-features":
+                assert not got["warned"], (what, got["warned"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gated_packed_op_on_dtensors(tmp_path_factory, backend):
+    """The packed form: rows sharded stay sharded; a packed weight sharded on its 2H rows
+    (which pairs no gate row with its up row on a rank) is replicated first, with a warning,
+    and its gradient comes back Shard(0) like the Parameter; in_features sharded is gathered."""
+    for rank, r in enumerate(_case(tmp_path_factory, backend, case_gated_packed_dtensors)):
+        for i, (what, got) in enumerate(r.items()):
+            _check_gated_run(got, rank, what, "gelu_tanh", backend, packed=True,
+                             gate_first=bool(i % 2))
+            if backend != "triton":
+                continue
+            placements = {"replicated": ("(Replicate(),)", "(Replicate(),)"),
+                          "rows": ("(Shard(dim=0),)", "(Partial(sum),)"),
+                          "rows-of-packed": ("(Replicate(),)", "(Shard(dim=0),)"),
+                          "in-features": ("(Replicate(),)", None)}
+            y_p, w_p = placements[what]
+            assert got["y_placements"] == y_p, (what, got["y_placements"])
+            if w_p is not None:
+                assert set(got["grad_placements"].values()) == {w_p}, (what, got)
+            else:
+                assert got["grad_placements"] == {"weight": "(Shard(dim=1),)",
+                                                  "bias": "(Replicate(),)"}, got
+        if backend == "triton":
+            warned = r["rows-of-packed"]["warned"]
+            assert len(warned) == 1 and "not paired on any rank" in warned[0], warned
+            assert not r["rows"]["warned"] and not r["replicated"]["warned"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gated_block_tensor_parallel(tmp_path_factory, backend):
+    for rank, r in enumerate(_case(tmp_path_factory, backend, case_gated_tp_block)):
+        y, dx, grads = _reference(lambda: _reference_gated_block(packed=False), r["init"],
+                                  r["x"], r["g"])
+        assert_close(r["y"], y, F32, f"rank {rank} y")
+        assert_close(r["dx"], dx, F32, f"rank {rank} dx")
+        _compare_grads(r["grads"], grads, f"rank {rank}")
+        if backend == "triton":   # column-parallel on the shards: gradients Shard(0) as the weights
+            assert r["launches"].get("gated_forward") and r["launches"].get("gated_grad_weight")
+            for name in ("gate.weight", "gate.bias", "up.weight", "up.bias"):
+                assert r["grad_placements"][name] == "(Shard(dim=0),)", r["grad_placements"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gated_block_fsdp2(tmp_path_factory, backend):
+    for rank, r in enumerate(_case(tmp_path_factory, backend, case_gated_fsdp)):
+        start, stop = r["rows"]
+        world = 2
+        # FSDP2 averages the ranks' gradients: those of the whole batch's loss over world
+        y, _, grads = _reference(lambda: nn.Sequential(_reference_gated_block(True), nn.Tanh(),
+                                                       _reference_gated_block(True)),
+                                 r["init"], r["x"], r["g"] / world, x_grad=False)
+        assert_close(r["y"], y[start:stop], F32, f"rank {rank} y (its rows)")
+        _compare_grads(r["grads"], grads, f"rank {rank}")
+        if backend == "triton":   # plain tensors inside: the kernels, packed dW launch included
+            assert r["launches"].get("gated_forward", 0) >= 2, r["launches"]
+            assert r["launches"].get("gated_grad_weight_packed", 0) >= 2, r["launches"]
