@@ -26,6 +26,19 @@ def runs_kernels(device, dtype) -> bool:
     return fastmlp.backend.uses_triton(torch.device(device), dtype)
 
 
-__all__ = ["TF32_TOLERANCE", "TOLERANCE", "TORCH_ERROR_FACTOR", "assert_close", "case_seed",
+def autograd_nodes(y):
+    """Every node of y's autograd graph, once each, as (node, its next nodes) pairs."""
+    seen, stack = set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        following = [n for n, _ in node.next_functions]
+        yield node, following
+        stack.extend(following)
+
+
+__all__ = ["TF32_TOLERANCE", "autograd_nodes", "TOLERANCE", "TORCH_ERROR_FACTOR", "assert_close", "case_seed",
            "reference", "rel_err", "runs_kernels", "tolerance", "tolerances_against_torch",
            "torch_in_dtype"]

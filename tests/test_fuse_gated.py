@@ -624,12 +624,16 @@ def test_mlp_option_says_why_mlp_looking_modules_are_not_stacks():
     assert "llama (MLP stack): not made a FusedMLP: not an nn.Sequential" in str(report)
 
 
+@pytest.mark.parametrize("kernels", [False, True], ids=["default-backend", "kernels"])
 @pytest.mark.parametrize("block", [LlamaLikeMLP, PackedMLP])
-def test_hooks_registered_after_fuse_run_and_see_the_linears(block):
+def test_hooks_registered_after_fuse_run_and_see_the_linears(block, kernels, request, device):
     """Tensor parallelism's ColwiseParallel, for one, hooks the gate and up Linears after a model
-    is built: the fused product then calls them as written, so the hooks run."""
+    is built: the fused product then calls them as written, so the hooks run (on the kernels'
+    path too: without the hook the gated kernels compute it)."""
+    if kernels:
+        request.getfixturevalue("triton_backend")
     torch.manual_seed(20)
-    model = nn.Sequential(block())
+    model = nn.Sequential(block()).to(device)
     stock = copy.deepcopy(model)
     fused = fastmlp.fuse(model)
     assert len(_gated_calls(fused[0])) == 1
@@ -638,10 +642,11 @@ def test_hooks_registered_after_fuse_run_and_see_the_linears(block):
     handle = proj.register_forward_hook(lambda mod, args, out: seen.append(out.shape) or out * 2)
     stock_proj = stock[0].gate_proj if block is LlamaLikeMLP else stock[0].gate_up_proj
     stock_proj.register_forward_hook(lambda mod, args, out: out * 2)
-    x = _x(3, D)
+    x = _x(3, D).to(device)
     assert_close(fused(x), stock(x), torch.float32, "hooked output")
     assert len(seen) == 1
     handle.remove()
     seen.clear()
-    fused(x)
+    stock_proj._forward_hooks.clear()
+    assert_close(fused(x), stock(x), torch.float32, "output without the hook")
     assert seen == []          # no hook: the gated op again, the Linear not called

@@ -18,7 +18,7 @@ from torch import nn
 import fastmlp
 from fastmlp import activations
 from fastmlp import functional as F
-from reference import TOLERANCE, assert_close, case_seed, rel_err, tolerance
+from reference import TOLERANCE, assert_close, autograd_nodes, case_seed, rel_err, tolerance
 
 FP32, FP16, BF16, FP64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 DTYPES = [FP32, FP16, BF16]
@@ -192,17 +192,11 @@ def test_packed_halves_are_not_copied(triton_backend, device, monkeypatch):
 def _nodes_feeding(y, leaf):
     """(names of the autograd nodes with an edge to `leaf`'s AccumulateGrad, names of every
     node of y's graph)."""
-    feeding, names, seen, stack = [], [], set(), [y.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
+    feeding, names = [], []
+    for node, following in autograd_nodes(y):
         names.append(type(node).__name__)
-        for next_node, _ in node.next_functions:
-            if next_node is not None and getattr(next_node, "variable", None) is leaf:
-                feeding.append(type(node).__name__)
-            stack.append(next_node)
+        feeding += [type(node).__name__ for n in following
+                    if n is not None and getattr(n, "variable", None) is leaf]
     return feeding, names
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 import fastmlp
 from fastmlp.cpu_step import python_hooks
-from reference import assert_close, case_seed
+from reference import assert_close, autograd_nodes, case_seed
 
 pytestmark = [
     pytest.mark.slow,
@@ -459,15 +459,7 @@ def _kernel_launches():
 
 
 def _node_names(y):
-    names, seen, stack = [], set(), [y.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(type(node).__name__)
-        stack.extend(n for n, _ in node.next_functions)
-    return names
+    return [type(node).__name__ for node, _ in autograd_nodes(y)]
 
 
 # (x, weights, biases) placements: replicated; the batch sharded; column-parallel (gate and up
